@@ -1,0 +1,3 @@
+"""branchnet: branched neural networks on PyTorch."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,145 @@
+"""In-memory datasets: a `Split` is (x, y); a `Data` bundles train/val/test with class names.
+
+Every loader in :mod:`branchnet.data` returns a :class:`Data`. Inputs are float32 tensors,
+already normalised with statistics of the training split only; labels are int64 indices into
+``Data.classes``.
+
+Example:
+    >>> import torch
+    >>> from branchnet.data import Split
+    >>> s = Split(torch.zeros(4, 2), torch.tensor([0, 1, 0, 1]))
+    >>> len(s), s.subset(torch.tensor([1, 3])).y.tolist()
+    (4, [1, 1])
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+
+
+class DataError(ValueError):
+    """Raised when data is missing, malformed or inconsistent."""
+
+
+def tensor_fingerprint(*tensors: torch.Tensor) -> str:
+    """A content hash (blake2b, 16 hex digits) of tensors' shapes, dtypes and bytes."""
+    h = hashlib.blake2b(digest_size=8)
+    for t in tensors:
+        t = t.detach().cpu().contiguous()
+        h.update(f"{tuple(t.shape)}|{t.dtype}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+@dataclass
+class Split:
+    """One split of a dataset: inputs ``x`` ``[N, ...]`` (float32) and labels ``y`` ``[N]`` (int64)."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    _fingerprint: str | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.x, torch.Tensor):
+            self.x = torch.as_tensor(self.x)
+        if not isinstance(self.y, torch.Tensor):
+            self.y = torch.as_tensor(self.y)
+        self.y = self.y.long()
+        if self.x.shape[0] != self.y.shape[0]:
+            raise DataError(
+                f"x has {self.x.shape[0]} rows but y has {self.y.shape[0]} labels; "
+                "they must have the same length"
+            )
+        if self.y.ndim != 1:
+            raise DataError(f"y must be 1-D class indices, got shape {tuple(self.y.shape)}")
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+    @property
+    def fingerprint(self) -> str:
+        """Content hash of x and y, computed once (used to key activation caches)."""
+        if self._fingerprint is None:
+            self._fingerprint = tensor_fingerprint(self.x, self.y)
+        return self._fingerprint
+
+    def subset(self, index: torch.Tensor) -> Split:
+        """The rows selected by an index or boolean mask."""
+        return Split(self.x[index], self.y[index])
+
+    def relabel(self, mapping: dict[int, int]) -> Split:
+        """Keep only labels in ``mapping`` and renumber them."""
+        keep = torch.zeros_like(self.y, dtype=torch.bool)
+        new_y = torch.full_like(self.y, -1)
+        for old, new in mapping.items():
+            m = self.y == old
+            keep |= m
+            new_y[m] = new
+        return Split(self.x[keep], new_y[keep])
+
+
+@dataclass
+class Data:
+    """A dataset: train / val / test splits, class names and how the inputs were prepared.
+
+    ``preprocessing`` records everything needed to prepare new raw inputs the same way
+    (scale, mean, std, mode), and is part of the activation-cache key.
+    """
+
+    train: Split
+    val: Split
+    test: Split
+    classes: list[str]
+    name: str = "data"
+    preprocessing: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.train.x.shape[1:])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def splits(self) -> dict[str, Split]:
+        return {"train": self.train, "val": self.val, "test": self.test}
+
+    def select_classes(self, classes: list[str | int]) -> Data:
+        """Keep only the given classes (names or indices), renumbered in the given order.
+
+        >>> import torch
+        >>> s = Split(torch.zeros(3, 1), torch.tensor([0, 1, 2]))
+        >>> d = Data(s, s, s, ["a", "b", "c"]).select_classes(["c", "a"])
+        >>> d.classes, d.train.y.tolist()
+        (['c', 'a'], [1, 0])
+        """
+        idx = []
+        for c in classes:
+            if isinstance(c, int) and not isinstance(c, bool):
+                if not 0 <= c < len(self.classes):
+                    raise DataError(f"class index {c} out of range 0..{len(self.classes) - 1}")
+                idx.append(c)
+            elif c in self.classes:
+                idx.append(self.classes.index(c))
+            else:
+                raise DataError(f"unknown class {c!r}; this dataset has classes {self.classes}")
+        if len(set(idx)) != len(idx):
+            raise DataError(f"class list {classes} names a class twice")
+        mapping = {old: new for new, old in enumerate(idx)}
+        return replace(
+            self,
+            train=self.train.relabel(mapping),
+            val=self.val.relabel(mapping),
+            test=self.test.relabel(mapping),
+            classes=[self.classes[i] for i in idx],
+        )
+
+    def summary(self) -> str:
+        return (
+            f"{self.name}: {self.num_classes} classes, input {self.input_shape}, "
+            f"train {len(self.train)} / val {len(self.val)} / test {len(self.test)}"
+        )
