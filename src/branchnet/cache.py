@@ -1,0 +1,774 @@
+"""On-disk, memory-mapped cache of a frozen parent network's activations at one layer.
+
+Every branch training run reads the same parent activations, so they are computed once and
+stored under ``root/<key>/``, where the key hashes the parent's weights and structure, the
+layer, the input data, the preprocessing and the storage dtype. Change any of them (e.g.
+retrain the parent) and a new entry is computed; nothing stale is ever served.
+
+Layout of one entry::
+
+    root/<key>/meta.json                  shape, dtype, shard list (rows, sizes, hashes), ...
+    root/<key>/shard_00000.safetensors    one tensor "x" with rows [0, shard_rows)
+    root/<key>/shard_00001.safetensors    ...
+
+Shards are safetensors files (never pickle). An entry is written into a ``.tmp-*`` folder
+and renamed into place with :func:`os.replace`, so an interrupted write leaves no half entry.
+Reading memory-maps each shard's tensor region read-only (after checking the header against
+``meta.json``), so an entry is not loaded into RAM; rows come back as float32 tensors.
+
+Example:
+    >>> import tempfile, torch
+    >>> from torch import nn
+    >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    >>> cache = ActivationCache(tempfile.mkdtemp(), shard_rows=64)
+    >>> x = torch.randn(100, 4)
+    >>> acts = cache.get(net, "1", x, progress=False)
+    >>> acts.shape, acts.dtype, len(acts.meta["shards"])
+    (torch.Size([100, 8]), torch.float16, 2)
+    >>> acts[[5, 70]].dtype
+    torch.float32
+    >>> cache.get(net, "1", x, progress=False).key == acts.key   # reused, not recomputed
+    True
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, default_collate
+from tqdm import tqdm
+
+from branchnet import __version__
+from branchnet.data.dataset import Split, tensor_fingerprint
+from branchnet.taps import _check_rows, module_fingerprint, tap
+
+__all__ = [
+    "ActivationCache",
+    "CacheEntry",
+    "CacheError",
+    "CachedActivations",
+    "CachedDataset",
+    "collate_batch",
+]
+
+FORMAT = "branchnet-activation-cache"
+FORMAT_VERSION = 1
+
+# torch dtype -> (name in meta.json, safetensors dtype code, numpy storage dtype).
+# bfloat16 has no numpy dtype: its bits are stored as int16 and reinterpreted by torch.
+_DTYPES: dict[torch.dtype, tuple[str, str, str]] = {
+    torch.float16: ("float16", "F16", "<f2"),
+    torch.bfloat16: ("bfloat16", "BF16", "<i2"),
+    torch.float32: ("float32", "F32", "<f4"),
+    torch.float64: ("float64", "F64", "<f8"),
+}
+_BY_NAME = {name: dt for dt, (name, _, _) in _DTYPES.items()}
+_SHARD_NAME = re.compile(r"shard_\d{5,}\.safetensors")
+_KEY_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*-[0-9a-f]{20}")
+_TMP_PREFIX = ".tmp-"
+_MAX_HEADER = 100 * 1024 * 1024
+_META_FIELDS = ("format", "format_version", "key", "layer", "dtype", "shape", "rows", "shards")
+
+
+class CacheError(RuntimeError):
+    """Raised when a cache entry is missing, incomplete or corrupted."""
+
+
+def _corrupt(file: Path, problem: str, entry: Path | None = None) -> CacheError:
+    entry = entry or file.parent
+    return CacheError(
+        f"activation cache file {file} {problem}. Delete the folder {entry} "
+        "(or call ActivationCache.clear()) and it will be recomputed."
+    )
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def _read_meta(entry: Path) -> dict[str, Any]:
+    """Parse and structurally validate ``entry/meta.json``."""
+    file = entry / "meta.json"
+    if not entry.is_dir():
+        raise CacheError(f"activation cache entry {entry} does not exist")
+    try:
+        meta = json.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise _corrupt(file, "is missing (incomplete entry)", entry) from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise _corrupt(file, f"cannot be parsed ({type(e).__name__}: {e})", entry) from None
+
+    def bad(problem: str) -> CacheError:
+        return _corrupt(file, problem, entry)
+
+    if not isinstance(meta, dict):
+        raise bad("does not hold a JSON object")
+    missing = [f for f in _META_FIELDS if f not in meta]
+    if missing:
+        raise bad(f"lacks the fields {missing}")
+    if meta["format"] != FORMAT or meta["format_version"] != FORMAT_VERSION:
+        raise bad(
+            f"has format {meta['format']!r} version {meta['format_version']!r}; "
+            f"this branchnet reads {FORMAT!r} version {FORMAT_VERSION}"
+        )
+    if meta["dtype"] not in _BY_NAME:
+        raise bad(f"records unsupported dtype {meta['dtype']!r}")
+    shape, rows, shards = meta["shape"], meta["rows"], meta["shards"]
+    if not (isinstance(shape, list) and shape and all(_is_int(d) and d >= 0 for d in shape)):
+        raise bad(f"records an invalid shape {shape!r}")
+    if rows != shape[0]:
+        raise bad(f"records {rows!r} rows but shape {shape}")
+    if not isinstance(shards, list):
+        raise bad("has a 'shards' field that is not a list")
+    expected_start = 0
+    for i, s in enumerate(shards):
+        ok = (
+            isinstance(s, dict)
+            and isinstance(s.get("file"), str)
+            and _SHARD_NAME.fullmatch(s["file"]) is not None
+            and all(_is_int(s.get(k)) for k in ("start", "stop", "bytes"))
+            and isinstance(s.get("blake2b"), str)
+        )
+        if not ok:
+            raise bad(f"has a malformed shard record #{i}: {s!r}")
+        if s["start"] != expected_start or s["stop"] <= s["start"]:
+            raise bad(f"has shard row ranges that do not tile 0..{rows} (shard #{i}: {s!r})")
+        expected_start = s["stop"]
+    if expected_start != rows:
+        raise bad(f"has shards covering {expected_start} rows, not {rows}")
+    return meta
+
+
+def _open_shard(entry: Path, meta: dict[str, Any], shard: dict[str, Any]) -> np.memmap:
+    """Check one shard's size and safetensors header against meta.json, then memory-map it."""
+    file = entry / shard["file"]
+    _, code, np_dtype = _DTYPES[_BY_NAME[meta["dtype"]]]
+
+    def bad(problem: str) -> CacheError:
+        return _corrupt(file, problem, entry)
+
+    try:
+        size = file.stat().st_size
+    except FileNotFoundError:
+        raise bad("is missing") from None
+    if size != shard["bytes"]:
+        raise bad(f"has {size} bytes but meta.json records {shard['bytes']} (truncated?)")
+    try:
+        with open(file, "rb") as f:
+            head = f.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if not 0 < n <= min(size - 8, _MAX_HEADER):
+                raise bad("does not start with a valid safetensors header length")
+            header = json.loads(f.read(n).decode("utf-8"))
+    except OSError as e:
+        raise bad(f"cannot be read ({e})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise bad("has an unreadable safetensors header") from None
+    info = header.get("x") if isinstance(header, dict) else None
+    if not isinstance(info, dict):
+        raise bad('has no tensor "x" in its safetensors header')
+    shape = [shard["stop"] - shard["start"], *meta["shape"][1:]]
+    if info.get("dtype") != code or info.get("shape") != shape:
+        raise bad(
+            f"holds {info.get('dtype')} {info.get('shape')} but meta.json expects {code} {shape}"
+        )
+    offsets = info.get("data_offsets")
+    nbytes = math.prod(shape) * np.dtype(np_dtype).itemsize
+    if not (
+        isinstance(offsets, list)
+        and len(offsets) == 2
+        and all(_is_int(o) for o in offsets)
+        and offsets[1] - offsets[0] == nbytes
+        and 8 + n + offsets[1] == size
+        and offsets[0] >= 0
+    ):
+        raise bad(f"has data offsets {offsets!r} that do not match its shape or size")
+    if nbytes == 0:
+        return np.empty(shape, dtype=np_dtype)  # type: ignore[return-value]
+    try:
+        return np.memmap(
+            file, dtype=np_dtype, mode="r", offset=8 + n + offsets[0], shape=tuple(shape)
+        )
+    except (OSError, ValueError) as e:
+        raise bad(f"cannot be memory-mapped ({e})") from None
+
+
+def _hash_bytes(buf: Any) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    h.update(buf)
+    return h.hexdigest()
+
+
+class CachedActivations:
+    """A read-only, memory-mapped activation matrix ``[N, ...]`` stored in shards.
+
+    Indexing returns float32 tensors: an int gives one row; a slice, a list, a LongTensor,
+    an integer ndarray or a boolean mask gives the selected rows (gathered across shards,
+    with a fast path for contiguous ranges). ``dtype`` is the *storage* dtype.
+    Pickling keeps only the path, so DataLoader workers reopen the maps instead of copying.
+
+    >>> import tempfile, torch
+    >>> from torch import nn
+    >>> cache = ActivationCache(tempfile.mkdtemp(), dtype=torch.float32, shard_rows=3)
+    >>> acts = cache.get(nn.Sequential(nn.Identity()), "0", torch.arange(8.).view(8, 1),
+    ...                  progress=False)
+    >>> acts[2].tolist(), acts[6:8].flatten().tolist()
+    ([2.0], [6.0, 7.0])
+    >>> acts[torch.tensor([7, 0])].flatten().tolist()
+    [7.0, 0.0]
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.meta = _read_meta(self.path)
+        self._arrays: list[np.memmap] | None = None
+        self._open()
+
+    def _open(self) -> list[np.memmap]:
+        if self._arrays is None:
+            self._arrays = [_open_shard(self.path, self.meta, s) for s in self.meta["shards"]]
+        return self._arrays
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"path": self.path, "meta": self.meta}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.path, self.meta, self._arrays = state["path"], state["meta"], None
+
+    # -- description
+
+    @property
+    def key(self) -> str:
+        return str(self.meta["key"])
+
+    @property
+    def layer(self) -> str:
+        return str(self.meta["layer"])
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size(self.meta["shape"])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Storage dtype (rows are returned as float32)."""
+        return _BY_NAME[self.meta["dtype"]]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.meta["shape"]) * self.dtype.itemsize
+
+    def __len__(self) -> int:
+        return int(self.meta["rows"])
+
+    def __repr__(self) -> str:
+        return (
+            f"CachedActivations(layer={self.layer!r}, shape={tuple(self.shape)}, "
+            f"dtype={self.meta['dtype']}, shards={len(self.meta['shards'])}, path='{self.path}')"
+        )
+
+    # -- reading
+
+    def _to_torch(self, a: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(a)
+        if self.dtype == torch.bfloat16:
+            t = t.view(torch.bfloat16)
+        return t.float()
+
+    def _range(self, start: int, stop: int) -> torch.Tensor:
+        arrays = self._open()
+        out = np.empty((stop - start, *self.meta["shape"][1:]), dtype=_DTYPES[self.dtype][2])
+        for arr, s in zip(arrays, self.meta["shards"], strict=True):
+            lo, hi = max(start, s["start"]), min(stop, s["stop"])
+            if lo < hi:
+                out[lo - start : hi - start] = arr[lo - s["start"] : hi - s["start"]]
+        return self._to_torch(out)
+
+    def _gather(self, idx: np.ndarray) -> torch.Tensor:
+        """Rows at non-negative, in-range int64 indices ``idx`` (1-D)."""
+        if len(idx) and idx[-1] - idx[0] == len(idx) - 1 and np.all(np.diff(idx) == 1):
+            return self._range(int(idx[0]), int(idx[-1]) + 1)
+        arrays = self._open()
+        out = np.empty((len(idx), *self.meta["shape"][1:]), dtype=_DTYPES[self.dtype][2])
+        if len(arrays) == 1:
+            np.take(arrays[0], idx, axis=0, out=out)
+        elif len(idx):
+            starts = np.array([s["start"] for s in self.meta["shards"]], dtype=np.int64)
+            shard_of = np.searchsorted(starts, idx, side="right") - 1
+            for s in np.unique(shard_of):
+                m = shard_of == s
+                out[m] = arrays[s][idx[m] - starts[s]]
+        return self._to_torch(out)
+
+    def __getitem__(self, index: Any) -> torch.Tensor:
+        n = len(self)
+        if isinstance(index, torch.Tensor):
+            index = index.detach().cpu().numpy()
+        if isinstance(index, (int, np.integer)) or (
+            isinstance(index, np.ndarray) and index.ndim == 0 and index.dtype.kind in "iu"
+        ):
+            i = int(index)
+            if not -n <= i < n:
+                raise IndexError(f"row {i} out of range for {n} cached rows")
+            i %= n
+            return self._range(i, i + 1)[0]
+        if isinstance(index, slice):
+            start, stop, step = index.indices(n)
+            if step == 1:
+                return self._range(start, max(start, stop))
+            index = np.arange(start, stop, step)
+        idx = np.asarray(index)
+        if idx.dtype == np.bool_:
+            if idx.shape != (n,):
+                raise IndexError(f"boolean mask of shape {idx.shape} for {n} cached rows")
+            idx = np.flatnonzero(idx)
+        elif idx.size == 0:
+            idx = idx.astype(np.int64)
+        elif idx.dtype.kind not in "iu":
+            raise TypeError(
+                f"cannot index cached activations with {type(index).__name__} of dtype "
+                f"{idx.dtype}; use an int, slice, integer array/tensor or boolean mask"
+            )
+        flat = idx.reshape(-1).astype(np.int64, copy=False)
+        if flat.size and (flat.min() < -n or flat.max() >= n):
+            bad = flat[(flat < -n) | (flat >= n)][0]
+            raise IndexError(f"row {bad} out of range for {n} cached rows")
+        flat = np.where(flat < 0, flat + n, flat)
+        return self._gather(flat).reshape(*idx.shape, *self.meta["shape"][1:])
+
+    def as_tensor(self) -> torch.Tensor:
+        """All rows as one float32 tensor in RAM."""
+        return self._range(0, len(self))
+
+    def dataset(self, y: torch.Tensor | Sequence[int]) -> CachedDataset:
+        """A map-style dataset of ``(activation_row, label)`` pairs; see :class:`CachedDataset`."""
+        return CachedDataset(self, y)
+
+    def verify(self, full: bool = True) -> None:
+        """Re-check meta.json and every shard's size and header; with ``full`` also the
+        content hashes (reads every byte). Raises :class:`CacheError` on the first problem."""
+        meta = _read_meta(self.path)
+        for s in meta["shards"]:
+            arr = _open_shard(self.path, meta, s)
+            if full and _hash_bytes(np.ascontiguousarray(arr).view(np.uint8)) != s["blake2b"]:
+                raise _corrupt(
+                    self.path / s["file"],
+                    "does not match the content hash in meta.json (modified or corrupted)",
+                    self.path,
+                )
+
+
+# ----------------------------------------------------------------------------- datasets
+
+
+def collate_batch(batch: Any) -> Any:
+    """DataLoader ``collate_fn`` for :class:`CachedDataset`: passes ``(x, y)`` batches through.
+
+    Anything else (a list of samples) goes to torch's ``default_collate``.
+
+    >>> import torch
+    >>> x, y = collate_batch((torch.zeros(4, 2), torch.zeros(4)))
+    >>> x.shape
+    torch.Size([4, 2])
+    """
+    if (
+        isinstance(batch, tuple)
+        and len(batch) == 2
+        and all(isinstance(b, torch.Tensor) for b in batch)
+    ):
+        return batch
+    return default_collate(batch)
+
+
+class CachedDataset(Dataset):
+    """``(x_row float32, y)`` pairs over cached activations, with batched fetching.
+
+    Implements ``__getitems__``, so a :class:`~torch.utils.data.DataLoader` with a
+    ``batch_size`` fetches a whole batch with one gather; pass ``collate_fn=collate_batch``
+    (or use :meth:`loader`). Works with any sampler, including ``DistributedSampler``.
+
+    >>> import tempfile, torch
+    >>> from torch import nn
+    >>> cache = ActivationCache(tempfile.mkdtemp())
+    >>> acts = cache.get(nn.Sequential(nn.Linear(3, 5)), "0", torch.randn(10, 3), progress=False)
+    >>> xb, yb = next(iter(acts.dataset(torch.arange(10)).loader(batch_size=4)))
+    >>> xb.shape, yb.tolist()
+    (torch.Size([4, 5]), [0, 1, 2, 3])
+    """
+
+    collate = staticmethod(collate_batch)
+
+    def __init__(self, acts: CachedActivations, y: torch.Tensor | Sequence[int]) -> None:
+        self.acts = acts
+        self.y = torch.as_tensor(y)
+        if len(self.y) != len(acts):
+            raise ValueError(f"y has {len(self.y)} labels but the cache has {len(acts)} rows")
+
+    def __len__(self) -> int:
+        return len(self.acts)
+
+    def __getitem__(self, index: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(index, (list, tuple)):
+            return self.__getitems__(index)
+        if isinstance(index, torch.Tensor):
+            index = index.cpu()
+        return self.acts[index], self.y[index]
+
+    def __getitems__(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = np.asarray(indices, dtype=np.int64)
+        return self.acts[idx], self.y[torch.from_numpy(idx)]
+
+    def loader(self, batch_size: int = 256, *, shuffle: bool = False, **kwargs: Any) -> DataLoader:
+        """A DataLoader over this dataset with batched fetching (``collate_fn=collate_batch``)."""
+        return DataLoader(
+            self, batch_size=batch_size, shuffle=shuffle, collate_fn=collate_batch, **kwargs
+        )
+
+
+# ----------------------------------------------------------------------------- the cache
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    """Summary of one folder in the cache (``error`` is set when it cannot be read)."""
+
+    key: str
+    path: Path
+    layer: str | None = None
+    shape: tuple[int, ...] | None = None
+    dtype: str | None = None
+    created: str | None = None
+    error: str | None = None
+
+
+def _fsync(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _data_of(data: torch.Tensor | Split) -> tuple[torch.Tensor, str]:
+    if isinstance(data, Split):
+        return data.x, data.fingerprint
+    if isinstance(data, torch.Tensor):
+        return data, tensor_fingerprint(data)
+    raise TypeError(f"data must be a Split or a tensor, got {type(data).__name__}")
+
+
+class ActivationCache:
+    """Activations of parent networks, computed once and stored under ``root``.
+
+    ``dtype`` is the storage dtype (float16 by default: a 50,000 x 512 entry takes 51 MB;
+    float32 is exact; bfloat16 and float64 are also accepted). ``shard_rows`` is the number of
+    rows per shard file. Entries written with other settings are still readable.
+
+    >>> import tempfile, torch
+    >>> from torch import nn
+    >>> cache = ActivationCache(tempfile.mkdtemp())
+    >>> net, x = nn.Sequential(nn.Tanh()), torch.ones(4, 2)
+    >>> cache.has(net, "0", x)
+    False
+    >>> acts = cache.get(net, "0", x, preprocessing={"scale": 255}, progress=False)
+    >>> cache.has(net, "0", x), cache.has(net, "0", x, preprocessing={"scale": 255})
+    (False, True)
+    >>> [(e.layer, e.shape, e.dtype) for e in cache.entries()]
+    [('0', (4, 2), 'float16')]
+    >>> cache.clear(), cache.entries()
+    (1, [])
+    """
+
+    def __init__(
+        self, root: str | Path, dtype: torch.dtype = torch.float16, shard_rows: int = 65536
+    ) -> None:
+        if dtype not in _DTYPES:
+            names = ", ".join(f"torch.{n}" for n, _, _ in _DTYPES.values())
+            raise ValueError(f"unsupported cache dtype {dtype}; use one of {names}")
+        if not _is_int(shard_rows) or shard_rows < 1:
+            raise ValueError(f"shard_rows must be a positive int, got {shard_rows!r}")
+        self.root = Path(root)
+        self.dtype = dtype
+        self.shard_rows = shard_rows
+
+    def __repr__(self) -> str:
+        return f"ActivationCache('{self.root}', dtype={self.dtype}, shard_rows={self.shard_rows})"
+
+    def key(
+        self,
+        model: nn.Module,
+        layer: str,
+        split_or_x: torch.Tensor | Split,
+        preprocessing: dict[str, Any] | None = None,
+        truncate: bool = False,
+    ) -> str:
+        """The entry name: ``<layer>-<hash>``, the hash covering the model's fingerprint, the
+        layer, the data fingerprint, the preprocessing and the storage dtype.
+
+        ``truncate`` does not change the key: truncated and hooked extraction give identical
+        values.
+
+        >>> import torch
+        >>> from torch import nn
+        >>> cache, x = ActivationCache("unused"), torch.ones(3, 2)
+        >>> net = nn.Sequential(nn.Linear(2, 2))
+        >>> k = cache.key(net, "0", x)
+        >>> k.startswith("0-"), k == cache.key(net, "0", x, {"scale": 1})
+        (True, False)
+        """
+        del truncate
+        _, data_fp = _data_of(split_or_x)
+        return self._key(module_fingerprint(model), layer, data_fp, preprocessing)
+
+    def _key(
+        self, model_fp: str, layer: str, data_fp: str, preprocessing: dict[str, Any] | None
+    ) -> str:
+        h = hashlib.blake2b(digest_size=10)
+        for part in (
+            FORMAT,
+            str(FORMAT_VERSION),
+            model_fp,
+            layer,
+            data_fp,
+            json.dumps(preprocessing, sort_keys=True, default=str),
+            _DTYPES[self.dtype][0],
+        ):
+            h.update(part.encode())
+            h.update(b"\0")
+        slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", layer).lstrip(".-")[:40] or "layer"
+        return f"{slug}-{h.hexdigest()}"
+
+    def path(self, key: str) -> Path:
+        """The folder of entry ``key``."""
+        if not _KEY_NAME.fullmatch(key):
+            raise ValueError(f"{key!r} is not an activation cache key")
+        return self.root / key
+
+    def has(
+        self,
+        model: nn.Module,
+        layer: str,
+        data: torch.Tensor | Split,
+        *,
+        preprocessing: dict[str, Any] | None = None,
+    ) -> bool:
+        """Whether an entry for these arguments exists (it is not validated here)."""
+        return (self.path(self.key(model, layer, data, preprocessing)) / "meta.json").is_file()
+
+    def open(self, key: str) -> CachedActivations:
+        """Open (and structurally validate) the existing entry ``key``."""
+        return CachedActivations(self.path(key))
+
+    def get(
+        self,
+        model: nn.Module,
+        layer: str,
+        data: torch.Tensor | Split,
+        *,
+        preprocessing: dict[str, Any] | None = None,
+        batch_size: int = 1024,
+        progress: bool = True,
+        truncate: bool = False,
+    ) -> CachedActivations:
+        """The activations of ``layer`` for ``data``: opened from disk if cached, else computed
+        (in eval mode, see :mod:`branchnet.taps`), written atomically and opened.
+
+        Raises :class:`CacheError` if an existing entry is corrupted.
+        """
+        t = tap(model, layer, truncate=truncate)  # validates the layer name first
+        x, data_fp = _data_of(data)
+        model_fp = module_fingerprint(model)
+        key = self._key(model_fp, layer, data_fp, preprocessing)
+        final = self.path(key)
+        if final.exists():
+            return CachedActivations(final)
+        meta = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "key": key,
+            "layer": layer,
+            "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
+            "model_fingerprint": model_fp,
+            "data_fingerprint": data_fp,
+            "preprocessing": json.loads(json.dumps(preprocessing, sort_keys=True, default=str)),
+        }
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self.root / f"{_TMP_PREFIX}{key}-{uuid.uuid4().hex[:12]}"
+        tmp.mkdir()
+        try:
+            self._write(tmp, t, x, meta, batch_size, progress)
+            try:
+                os.replace(tmp, final)
+            except OSError:
+                if not (final / "meta.json").is_file():
+                    raise
+                shutil.rmtree(tmp, ignore_errors=True)  # another process wrote it first
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        _fsync(self.root)
+        return CachedActivations(final)
+
+    def _write(
+        self,
+        folder: Path,
+        t: Any,
+        x: torch.Tensor,
+        meta: dict[str, Any],
+        batch_size: int,
+        progress: bool,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        n = int(x.shape[0])
+        shards: list[dict[str, Any]] = []
+        features: tuple[int, ...] | None = None
+        buf: torch.Tensor | None = None  # the shard being filled: rows [lo, hi)
+        lo = hi = 0
+        # Batches run over the whole input (same boundaries as taps.extract); a batch that
+        # straddles a shard boundary is split between two shard buffers.
+        with tqdm(total=n, unit="row", desc=f"caching {t.layer}", disable=not progress) as bar:
+            for a in range(0, n, batch_size):
+                b = min(n, a + batch_size)
+                h = self._convert(_check_rows(t(x[a:b]), b - a, t.layer), t.layer)
+                if features is None:
+                    features = tuple(h.shape[1:])
+                elif tuple(h.shape[1:]) != features:
+                    raise CacheError(
+                        f"layer {t.layer!r} returned rows of shape {tuple(h.shape[1:])} after "
+                        f"{features}; its output shape must not depend on the batch"
+                    )
+                pos = a
+                while pos < b:
+                    if buf is None:
+                        lo, hi = hi, min(n, hi + self.shard_rows)
+                        buf = torch.empty((hi - lo, *features), dtype=self.dtype)
+                    end = min(b, hi)
+                    buf[pos - lo : end - lo] = h[pos - a : end - a]
+                    pos = end
+                    if pos == hi:
+                        shards.append(self._write_shard(folder, len(shards), lo, hi, buf))
+                        buf = None
+                bar.update(b - a)
+        if features is None:  # no rows: one empty forward to learn the feature shape
+            features = tuple(_check_rows(t(x[:0]), 0, t.layer).shape[1:])
+        meta.update(
+            dtype=_DTYPES[self.dtype][0],
+            shape=[n, *features],
+            rows=n,
+            shard_rows=self.shard_rows,
+            shards=shards,
+            created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            branchnet_version=__version__,
+            torch_version=torch.__version__,
+        )
+        file = folder / "meta.json"
+        file.write_text(json.dumps(meta, indent=1), encoding="utf-8")
+        _fsync(file)
+
+    def _convert(self, h: torch.Tensor, layer: str) -> torch.Tensor:
+        """A batch in the storage dtype, on the CPU; float16 overflow is an error."""
+        stored = h.to("cpu", self.dtype)
+        overflow = self.dtype == torch.float16 and not torch.isfinite(stored).all()
+        if overflow and torch.isfinite(h).all():
+            raise CacheError(
+                f"activations of layer {layer!r} exceed the float16 range "
+                f"(max |a| = {h.abs().max().item():.4g}); use ActivationCache(..., "
+                "dtype=torch.float32) or torch.bfloat16"
+            )
+        return stored
+
+    @staticmethod
+    def _write_shard(
+        folder: Path, i: int, start: int, stop: int, buf: torch.Tensor
+    ) -> dict[str, Any]:
+        name = f"shard_{i:05d}.safetensors"
+        file = folder / name
+        buf = buf.contiguous()
+        save_file({"x": buf}, str(file))
+        _fsync(file)
+        return {
+            "file": name,
+            "start": start,
+            "stop": stop,
+            "bytes": file.stat().st_size,
+            "blake2b": _hash_bytes(buf.reshape(-1).view(torch.uint8).numpy()),
+        }
+
+    # -- housekeeping
+
+    def entries(self) -> list[CacheEntry]:
+        """All complete entries under ``root`` (unfinished ``.tmp-*`` folders are skipped);
+        unreadable ones are listed with ``error`` set."""
+        if not self.root.is_dir():
+            return []
+        out = []
+        for p in sorted(self.root.iterdir()):
+            if not p.is_dir() or not _KEY_NAME.fullmatch(p.name):
+                continue
+            try:
+                m = _read_meta(p)
+            except CacheError as e:
+                out.append(CacheEntry(p.name, p, error=str(e)))
+                continue
+            out.append(
+                CacheEntry(p.name, p, m["layer"], tuple(m["shape"]), m["dtype"], m.get("created"))
+            )
+        return out
+
+    def verify(self, full: bool = True) -> dict[str, str | None]:
+        """Check every entry; returns ``{key: None if fine else the error message}``."""
+        report: dict[str, str | None] = {}
+        for e in self.entries():
+            report[e.key] = e.error
+            if e.error is None:
+                try:
+                    CachedActivations(e.path).verify(full=full)
+                except CacheError as err:
+                    report[e.key] = str(err)
+        return report
+
+    def remove(self, key: str) -> bool:
+        """Delete entry ``key``; returns whether it existed."""
+        p = self.path(key)
+        if not p.exists():
+            return False
+        shutil.rmtree(p)
+        return True
+
+    def clear(self) -> int:
+        """Delete every entry and leftover temporary folder; returns how many were removed.
+
+        Only folders named like cache entries are touched, so a mistaken ``root`` is safe.
+        """
+        if not self.root.is_dir():
+            return 0
+        removed = 0
+        for p in self.root.iterdir():
+            if p.is_dir() and (_KEY_NAME.fullmatch(p.name) or p.name.startswith(_TMP_PREFIX)):
+                shutil.rmtree(p, ignore_errors=True)
+                removed += 1
+        return removed

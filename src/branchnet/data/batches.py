@@ -1,0 +1,60 @@
+"""Batched access to tensors: datasets that hand out whole batches, not rows.
+
+``torch.utils.data.DataLoader`` calls ``dataset.__getitems__(indices)`` when a dataset has it,
+so a batch is one indexing operation instead of ``batch_size`` Python calls and a collate.
+Standard samplers (including ``DistributedSampler``) keep working.
+
+Example:
+    >>> import torch
+    >>> ds = TensorPairs(torch.arange(10.0).view(5, 2), torch.arange(5))
+    >>> x, y = next(iter(make_loader(ds, batch_size=2)))
+    >>> x.shape, y.tolist()
+    (torch.Size([2, 2]), [0, 1])
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+
+def collate_batch(batch: Any) -> Any:
+    """Identity collate: ``__getitems__`` already returns a stacked ``(x, y)`` batch."""
+    return batch
+
+
+class TensorPairs(Dataset):
+    """``(x[i], y[i])`` pairs over two tensors with batched ``__getitems__``."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor):
+        if len(x) != len(y):
+            raise ValueError(f"x has {len(x)} rows but y has {len(y)}")
+        self.x, self.y = x, y
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.x[i], self.y[i]
+
+    def __getitems__(self, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        index = torch.as_tensor(idx, dtype=torch.long)
+        return self.x[index], self.y[index]
+
+
+def make_loader(dataset: Dataset, batch_size: int, shuffle: bool = False,
+                num_workers: int = 0, seed: int | None = None) -> DataLoader:
+    """A DataLoader that fetches whole batches through ``__getitems__`` when available."""
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    batched = hasattr(dataset, "__getitems__")
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        num_workers=num_workers,
+        collate_fn=collate_batch if batched else None,
+        generator=generator,
+        persistent_workers=num_workers > 0,
+    )

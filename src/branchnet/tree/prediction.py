@@ -1,0 +1,117 @@
+"""What :meth:`BranchTree.predict` returns: label, path, confidence per level, and abstentions.
+
+Example (hand-made, one input that abstained at the root):
+    >>> import torch
+    >>> p = Prediction(
+    ...     label=torch.tensor([-1]), leaf=torch.tensor([0]),
+    ...     path_nodes=torch.tensor([[0]]), path_conf=torch.tensor([[0.4]]),
+    ...     stop_level=torch.tensor([0]), leaf_probs=torch.tensor([[0.4, 0.6]]),
+    ...     nodes=["root"], classes=["a", "b"], thresholds=[0.9], backoff=False)
+    >>> p.explain(0)
+    "abstained at 'root': confidence 0.400 < threshold 0.900"
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass
+class Prediction:
+    """Per-input results of routing a batch down a :class:`BranchTree`.
+
+    * ``label``: predicted class index, -1 where the tree abstained.
+    * ``leaf``: the class the routing policy reached (even where it then abstained).
+    * ``path_nodes`` / ``path_conf``: internal nodes visited and the confidence at each level.
+    * ``stop_level``: level at which the input abstained (-1: accepted).
+    * ``leaf_probs``: P(class) as the product of probabilities along its path.
+    * With ``backoff``, an abstaining input is predicted as the deepest node whose membership
+      is confident (``node``): the node where it stopped.
+    """
+
+    label: torch.Tensor
+    leaf: torch.Tensor
+    path_nodes: torch.Tensor
+    path_conf: torch.Tensor
+    stop_level: torch.Tensor
+    leaf_probs: torch.Tensor
+    nodes: list[str]
+    classes: list[str]
+    thresholds: list[float]
+    backoff: bool = False
+
+    def __len__(self) -> int:
+        return int(self.label.shape[0])
+
+    @property
+    def abstained(self) -> torch.Tensor:
+        return self.stop_level >= 0
+
+    @property
+    def confidence(self) -> torch.Tensor:
+        """End-to-end confidence: the smallest confidence along the path."""
+        return torch.nan_to_num(self.path_conf, nan=float("inf")).min(dim=1).values
+
+    @property
+    def coverage(self) -> float:
+        return float((~self.abstained).float().mean()) if len(self) else float("nan")
+
+    def node(self, i: int) -> str | None:
+        """The prediction as a node name: a class, a backed-off group, or None (abstained)."""
+        s = int(self.stop_level[i])
+        if s < 0:
+            return self.classes[int(self.leaf[i])]
+        if self.backoff and s > 0:
+            return self.nodes[int(self.path_nodes[i, s])]
+        return None
+
+    def predicted_nodes(self) -> list[str | None]:
+        return [self.node(i) for i in range(len(self))]
+
+    def path(self, i: int) -> list[str]:
+        """Nodes visited from the root, ending with the class the policy reached."""
+        names = [self.nodes[int(n)] for n in self.path_nodes[i] if int(n) >= 0]
+        return [*names, self.classes[int(self.leaf[i])]]
+
+    def explain(self, i: int) -> str:
+        s = int(self.stop_level[i])
+        if s < 0:
+            return f"accepted: {self.classes[int(self.leaf[i])]} (confidence {self.confidence[i]:.3f})"
+        node = int(self.path_nodes[i, s])
+        return (
+            f"abstained at {self.nodes[node]!r}: confidence {float(self.path_conf[i, s]):.3f} "
+            f"< threshold {self.thresholds[node]:.3f}"
+        )
+
+    def topk(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``k`` most probable classes by path probability: (probabilities, indices)."""
+        return self.leaf_probs.topk(min(k, self.leaf_probs.shape[1]), dim=1)
+
+    def to_records(self, k: int = 1) -> list[dict[str, Any]]:
+        """One JSON-able dict per input (what ``branchnet tree predict`` prints)."""
+        out = []
+        probs, idx = self.topk(k)
+        for i in range(len(self)):
+            levels = [
+                {"node": self.nodes[int(n)], "confidence": round(float(c), 6)}
+                for n, c in zip(self.path_nodes[i], self.path_conf[i], strict=True)
+                if int(n) >= 0 and not math.isnan(float(c))
+            ]
+            rec: dict[str, Any] = {
+                "label": self.classes[int(self.label[i])] if int(self.label[i]) >= 0 else None,
+                "prediction": self.node(i),
+                "path": self.path(i),
+                "levels": levels,
+                "confidence": round(float(self.confidence[i]), 6),
+                "abstained": bool(self.abstained[i]),
+                "why": self.explain(i),
+            }
+            if k > 1:
+                rec["top"] = [{"class": self.classes[int(j)], "p": round(float(p), 6)}
+                              for p, j in zip(probs[i], idx[i], strict=True)]
+            out.append(rec)
+        return out

@@ -1,0 +1,621 @@
+"""BranchTree: specialist branches grown on a frozen parent's hidden layer, routed as a tree.
+
+Example:
+    >>> import branchnet as bn
+    >>> data = bn.data.load("digits", seed=0)
+    >>> hier = bn.Hierarchy.from_dict({"round": [0, 6, 8, 9], "straight": [1, 4, 7], "curly": [2, 3, 5]})
+    >>> fast = {"epochs": 3, "progress": False}
+    >>> tree = bn.BranchTree(bn.models.mlp([64, 128, 64], 10), tap="hidden.1",
+    ...                      parent_train=fast, head_train=fast, progress=False)
+    >>> tree = tree.fit(data, hierarchy=hier)
+    >>> _ = tree.calibrate(data.val, method="coverage", coverage=0.9)
+    >>> pred = tree.predict(data.test.x)
+    >>> 0.5 < pred.coverage <= 1.0
+    True
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import tempfile
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from branchnet import models
+from branchnet.cache import ActivationCache, CachedActivations
+from branchnet.checkpoint import CheckpointError, load_weights, save_weights
+from branchnet.data.batches import TensorPairs
+from branchnet.data.dataset import Data, Split
+from branchnet.data.hierarchy import Hierarchy
+from branchnet.engine import TrainConfig, fit
+from branchnet.selective import coverage_threshold, sgr_threshold
+from branchnet.taps import layer_names
+from branchnet.tree.layout import TreeLayout
+from branchnet.tree.prediction import Prediction
+from branchnet.tree.router import POLICIES, SCORES, Tapped, TreeRouter
+
+HeadFactory = Callable[[int, int], nn.Module]
+FORMAT_VERSION = 1
+
+
+class TreeError(ValueError):
+    """The tree cannot be built, fitted or used as asked."""
+
+
+class ConstantHead(nn.Module):
+    """Head of a node with a single child: always that child (probability 1)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.new_zeros(x.shape[0], 1)
+
+
+class _Rows(Dataset):
+    """Rows ``rows`` of cached activations, flattened, with targets; batched ``__getitems__``."""
+
+    def __init__(self, acts: CachedActivations, rows: torch.Tensor, targets: torch.Tensor):
+        self.acts, self.rows, self.targets = acts, rows, targets
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = self.__getitems__([i])
+        return x[0], y[0]
+
+    def __getitems__(self, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        index = torch.as_tensor(idx, dtype=torch.long)
+        rows = self.rows[index]
+        order = torch.argsort(rows)  # sorted reads from the memory map are faster
+        x = self.acts[rows[order]].flatten(1)
+        out = torch.empty_like(x)
+        out[order] = x
+        return out, self.targets[index]
+
+
+def _as_tensor(x: Any) -> torch.Tensor:
+    if isinstance(x, Split):
+        return x.x
+    if isinstance(x, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(x)).float()
+    if not isinstance(x, torch.Tensor):
+        raise TreeError(f"expected a tensor, array or Split of inputs, got {type(x).__name__}")
+    return x.float()
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)[:40]
+
+
+class BranchTree:
+    """A frozen parent network, its tapped hidden layer, and one branch head per internal node.
+
+    Args:
+        parent: any ``nn.Module`` classifier. Trained by :meth:`fit` unless
+            ``train_parent=False`` (then it must already be trained).
+        tap: name of the parent layer whose output the branches read (see
+            :func:`branchnet.taps.layer_names`).
+        hierarchy: the class tree (also accepted by :meth:`fit`); default: flat.
+        router: ``"parent"``: the root decision comes from the parent's own output (summed over
+            each group when the parent predicts classes); ``"learned"``: a head on the tapped
+            layer learns the root decision like every other node.
+        node_input: ``"parent"``: every head reads the parent's tap; ``"branch"``: a node reads
+            the hidden layer ``branch_tap`` of the head above it (branches of branches).
+        head: factory ``(n_in, n_out) -> nn.Module`` or a dict ``{node: factory}``; default
+            :func:`branchnet.models.branch_head` (``n_in -> 256 -> n_out``, dropout 0.5).
+        policy: routing policy, one of ``hard``, ``threshold`` (hard, and backs off to the
+            deepest confident node instead of abstaining), ``soft``, ``topk``.
+        score: local confidence, ``msp``, ``margin`` or ``entropy``.
+        backoff: predict the deepest confident node instead of abstaining.
+        parent_train / head_train: :class:`~branchnet.engine.TrainConfig` or dict.
+        parent_labels: train the parent on ``"fine"`` classes or ``"coarse"`` root groups.
+        workdir: folder for checkpoints (needed for ``fit(..., resume=True)``); default a
+            temporary folder. cache_dir: activation cache (default ``workdir/cache``).
+    """
+
+    def __init__(
+        self,
+        parent: nn.Module,
+        tap: str,
+        *,
+        hierarchy: Hierarchy | dict | None = None,
+        router: str = "parent",
+        node_input: str = "parent",
+        branch_tap: str = "hidden.0",
+        head: HeadFactory | dict[str, HeadFactory] | None = None,
+        policy: str = "hard",
+        score: str = "msp",
+        backoff: bool = False,
+        train_parent: bool = True,
+        parent_train: TrainConfig | dict | None = None,
+        parent_labels: str = "fine",
+        head_train: TrainConfig | dict | None = None,
+        workdir: str | Path | None = None,
+        cache_dir: str | Path | None = None,
+        cache_dtype: str = "float16",
+        progress: bool = True,
+    ):
+        _check_choice("router", router, ("parent", "learned"))
+        _check_choice("node_input", node_input, ("parent", "branch"))
+        _check_choice("policy", policy, POLICIES)
+        _check_choice("score", score, SCORES)
+        _check_choice("parent_labels", parent_labels, ("fine", "coarse"))
+        _check_choice("cache_dtype", cache_dtype, ("float16", "float32"))
+        if not isinstance(parent, nn.Module):
+            raise TreeError(f"parent must be an nn.Module, got {type(parent).__name__}")
+        names = layer_names(parent)
+        if tap not in names:
+            raise TreeError(f"the parent has no layer {tap!r}; its layers are {names}")
+        self.parent = parent
+        self.tap = tap
+        self.hierarchy = Hierarchy.from_dict(hierarchy) if isinstance(hierarchy, dict) else hierarchy
+        self.router_kind = router
+        self.node_input = node_input
+        self.branch_tap = branch_tap
+        self.head = head
+        self.policy = policy
+        self.score_kind = score
+        self.backoff = backoff or policy == "threshold"
+        self.train_parent = train_parent
+        self.parent_train = _train_config(parent_train, progress)
+        self.parent_labels = parent_labels
+        self.head_train = _train_config(head_train, progress, default=_HEAD_DEFAULTS)
+        self.workdir = Path(workdir) if workdir else None
+        self.cache_dir = Path(cache_dir) if cache_dir else None
+        self.cache_dtype = cache_dtype
+        self.progress = progress
+        self.layout: TreeLayout | None = None
+        self.router: TreeRouter | None = None
+        self.heads: dict[int, Tapped] = {}
+        self.sources: list[int] = []
+        self.preprocessing: dict[str, Any] = {}
+        self.input_shape: tuple[int, ...] | None = None
+        self.calibration: dict[str, Any] = {}
+        self.fit_summary: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------------------------ fit
+    def fit(
+        self,
+        train: Data | Split,
+        val: Split | None = None,
+        *,
+        hierarchy: Hierarchy | dict | None = None,
+        classes: list[str] | None = None,
+        preprocessing: dict[str, Any] | None = None,
+        resume: bool = False,
+    ) -> BranchTree:
+        """Train the parent (unless pretrained), cache its tapped activations, train every head."""
+        if isinstance(train, Data):
+            classes = classes or train.classes
+            preprocessing = preprocessing or train.preprocessing
+            val = val if val is not None else train.val
+            train = train.train
+        if not isinstance(train, Split):
+            raise TreeError(f"fit expects a Data or a Split, got {type(train).__name__}")
+        if classes is None:
+            classes = [str(i) for i in range(int(train.y.max()) + 1)]
+        hier = hierarchy if hierarchy is not None else self.hierarchy
+        hier = Hierarchy.from_dict(hier) if isinstance(hier, dict) else hier
+        hier = hier or Hierarchy.flat(classes)
+        layout = TreeLayout(hier, classes)
+        layout.hierarchy.check_labels(train.y.tolist(), classes)
+        if val is None:
+            gen = torch.Generator().manual_seed(self.head_train.seed)
+            perm = torch.randperm(len(train), generator=gen)
+            n_val = max(1, len(train) // 10)
+            val, train = train.subset(perm[:n_val]), train.subset(perm[n_val:])
+        layout.hierarchy.check_labels(val.y.tolist(), classes)
+        self.layout, self.hierarchy = layout, layout.hierarchy
+        self.preprocessing = dict(preprocessing or {})
+        self.input_shape = tuple(train.x.shape[1:])
+        workdir = self.workdir or Path(tempfile.mkdtemp(prefix="branchnet-tree-"))
+        self.workdir = workdir
+        summary: dict[str, Any] = {"classes": list(classes), "nodes": {}}
+
+        # 1. the parent
+        n_parent_out = len(classes) if self.parent_labels == "fine" else layout.n_children[0]
+        if self.train_parent or self.router_kind == "parent":
+            self._check_parent_output(train.x[:2], n_parent_out)
+        if self.train_parent:
+            targets = train.y if self.parent_labels == "fine" else layout.leaf_slots[train.y, 0]
+            vtargets = val.y if self.parent_labels == "fine" else layout.leaf_slots[val.y, 0]
+            res = fit(self.parent, TensorPairs(train.x, targets), TensorPairs(val.x, vtargets),
+                      self.parent_train, workdir=workdir / "parent", resume=resume,
+                      description="parent")
+            summary["parent"] = _fit_brief(res)
+        self.parent.eval().requires_grad_(False)
+
+        # 2. the activation cache (frozen parent, eval mode, no grad)
+        cache = ActivationCache(self.cache_dir or workdir / "cache",
+                                dtype=getattr(torch, self.cache_dtype))
+        acts = {
+            name: cache.get(self.parent, self.tap, split, preprocessing=self.preprocessing,
+                            progress=self.progress)
+            for name, split in (("train", train), ("val", val))
+        }
+        in_dim = int(np.prod(acts["train"].shape[1:]))
+        summary["tap_dim"] = in_dim
+
+        # 3. one head per internal node, top-down
+        root_from_parent = self.router_kind == "parent"
+        self.sources, self.heads = [], {}
+        for i, node in enumerate(layout.nodes):
+            parent_node = layout.parent_of[i]
+            reads_branch = (self.node_input == "branch" and parent_node >= 0
+                            and parent_node in self.heads)
+            self.sources.append(parent_node if reads_branch else -1)
+            if i == 0 and root_from_parent:
+                continue
+            head = self._make_head(node, self._input_dim(i, in_dim, train.x.device, acts),
+                                   layout.n_children[i])
+            has_inner_kids = any(int(c) >= 0 for c in layout.child_node[i])
+            tapped = Tapped(head, self.branch_tap if self.node_input == "branch"
+                            and has_inner_kids and not isinstance(head, ConstantHead) else None)
+            if tapped.layer and tapped.layer not in layer_names(head):
+                raise TreeError(f"branch_tap {self.branch_tap!r} is not a layer of the head of "
+                                f"{node!r}; its layers are {layer_names(head)}")
+            node_data = {}
+            for name, split in (("train", train), ("val", val)):
+                slots = layout.slot_of_label(node, split.y)
+                rows = torch.nonzero(slots >= 0).flatten()
+                if name == "train" and len(rows) == 0:
+                    raise TreeError(f"node {node!r} has no training examples")
+                node_data[name] = self._node_dataset(i, acts[name], rows, slots[rows])
+            if isinstance(head, ConstantHead):
+                summary["nodes"][node] = {"n_train": len(node_data["train"]), "constant": True}
+            else:
+                res = fit(head, node_data["train"], node_data["val"], self.head_train,
+                          workdir=workdir / "nodes" / f"{i:02d}-{_safe(node)}", resume=resume,
+                          description=f"branch {node!r} ({layout.n_children[i]} children)")
+                summary["nodes"][node] = {"n_train": len(node_data["train"]),
+                                          "n_val": len(node_data["val"]), **_fit_brief(res)}
+            head.eval().requires_grad_(False)
+            self.heads[i] = tapped
+        self.fit_summary = summary
+        self._build_router()
+        return self
+
+    def _check_parent_output(self, x: torch.Tensor, expected: int) -> None:
+        was = self.parent.training
+        try:
+            with torch.inference_mode():
+                out = self.parent.eval()(x)
+        except Exception as e:
+            raise TreeError(
+                f"the parent cannot run on inputs of shape {tuple(x.shape[1:])}: {e}"
+            ) from e
+        finally:
+            self.parent.train(was)
+        if out.ndim != 2 or out.shape[1] != expected:
+            raise TreeError(
+                f"the parent outputs shape {tuple(out.shape[1:])} but {expected} "
+                f"{self.parent_labels} classes are needed (router={self.router_kind!r}); "
+                "give it a matching output layer, or use router='learned' with train_parent=False"
+            )
+
+    def _make_head(self, node: str, n_in: int, n_out: int) -> nn.Module:
+        if n_out == 1:
+            return ConstantHead()
+        factory = self.head.get(node) if isinstance(self.head, dict) else self.head
+        head = factory(n_in, n_out) if factory else models.branch_head(n_in, n_out)
+        if not isinstance(head, nn.Module):
+            raise TreeError(f"the head factory for {node!r} returned {type(head).__name__}, "
+                            "not an nn.Module")
+        with torch.no_grad():
+            try:
+                out = head.eval()(torch.zeros(2, n_in))
+            except Exception as e:
+                raise TreeError(f"the head of {node!r} cannot read {n_in}-d inputs: {e}") from e
+        if out.shape != (2, n_out):
+            raise TreeError(f"the head of {node!r} outputs {tuple(out.shape[1:])}, "
+                            f"expected ({n_out},) for its {n_out} children")
+        return head.train()
+
+    def _input_dim(self, i: int, tap_dim: int, device: torch.device,
+                   acts: dict[str, CachedActivations]) -> int:
+        src = self.sources[i]
+        if src < 0:
+            return tap_dim
+        return int(self._branch_features(src, acts["train"][[0]].flatten(1)).shape[1])
+
+    def _branch_features(self, i: int, feats: torch.Tensor) -> torch.Tensor:
+        """Hidden features of head ``i`` (applying the heads above it first)."""
+        src = self.sources[i]
+        x = feats if src < 0 else self._branch_features(src, feats)
+        with torch.inference_mode():
+            return self.heads[i](x)[1].clone()
+
+    def _node_dataset(self, i: int, acts: CachedActivations, rows: torch.Tensor,
+                      targets: torch.Tensor) -> Dataset:
+        if self.sources[i] < 0:
+            return _Rows(acts, rows, targets)
+        return TensorPairs(self._branch_features(self.sources[i], acts[rows].flatten(1)), targets)
+
+    def _build_router(self) -> None:
+        lay = self._require_fit()
+        groups = lay.root_groups() if self.parent_labels == "fine" else torch.eye(lay.n_children[0])
+        self.router = TreeRouter(
+            lay, Tapped(self.parent, self.tap), self.heads, self.sources,
+            root_from_parent=self.router_kind == "parent", parent_groups=groups,
+            policy="hard" if self.policy == "threshold" else self.policy, score=self.score_kind,
+        ).eval()
+        self._apply_thresholds()
+
+    def _require_fit(self) -> TreeLayout:
+        if self.layout is None:
+            raise TreeError("this BranchTree is not fitted yet; call fit() or BranchTree.load()")
+        return self.layout
+
+    # ----------------------------------------------------------------------------- predict
+    def _run(self, x: Any, batch_size: int = 1024) -> tuple[torch.Tensor, ...]:
+        self._require_fit()
+        assert self.router is not None
+        x = _as_tensor(x)
+        if self.input_shape is not None and tuple(x.shape[1:]) != self.input_shape:
+            raise TreeError(f"inputs have shape {tuple(x.shape[1:])} but the tree was fitted on "
+                            f"{self.input_shape}")
+        outs = []
+        with torch.inference_mode():
+            for start in range(0, len(x), batch_size):
+                outs.append(self.router(x[start:start + batch_size]))
+        return tuple(torch.cat(parts) for parts in zip(*outs, strict=True))
+
+    def predict(self, x: Any) -> Prediction:
+        """Route inputs down the tree: labels, paths, per-level confidence, abstentions."""
+        leaf, path_nodes, path_conf, stop, leaf_probs = self._run(x)
+        label = torch.where(stop >= 0, torch.full_like(leaf, -1), leaf)
+        lay = self._require_fit()
+        return Prediction(label=label, leaf=leaf, path_nodes=path_nodes, path_conf=path_conf,
+                          stop_level=stop, leaf_probs=leaf_probs, nodes=list(lay.nodes),
+                          classes=list(lay.classes), thresholds=self.thresholds_list(),
+                          backoff=self.backoff)
+
+    def predict_proba(self, x: Any) -> torch.Tensor:
+        """``[N, C]`` class probabilities: the product of probabilities along each path."""
+        return self._run(x)[4]
+
+    def score(self, x: Any, y: Any) -> float:
+        """Accuracy of the routed class, ignoring abstention (scikit-learn convention)."""
+        leaf = self._run(x)[0]
+        return float((leaf == torch.as_tensor(y)).float().mean())
+
+    def node_proba(self, node: str, x: Any) -> torch.Tensor:
+        """Child probabilities of one node for all inputs (oracle routing, as the original)."""
+        lay = self._require_fit()
+        if node not in lay.node_index:
+            raise TreeError(f"unknown node {node!r}; internal nodes are {lay.nodes}")
+        assert self.router is not None
+        i = lay.node_index[node]
+        x = _as_tensor(x)
+        parts = []
+        with torch.inference_mode():
+            for start in range(0, len(x), 1024):
+                parts.append(self.router.node_probs(x[start:start + 1024])[:, i,
+                                                                          :lay.n_children[i]])
+        return torch.cat(parts)
+
+    # --------------------------------------------------------------------------- calibrate
+    def calibrate(
+        self,
+        val: Split | Data,
+        *,
+        method: str = "risk",
+        target_risk: float = 0.05,
+        delta: float = 0.05,
+        coverage: float | None = None,
+        threshold: float | dict[str, float] = 0.96,
+    ) -> dict[str, Any]:
+        """Set the abstention thresholds on held-out data.
+
+        * ``method="risk"``: the largest coverage whose selective risk is at most
+          ``target_risk`` with probability at least ``1 - delta`` (SGR, binomial bound).
+        * ``method="coverage"``: accept the given fraction of the calibration inputs.
+        * ``method="fixed"``: a given threshold (0.96 as in Neural-Branching) or one per node.
+        """
+        lay = self._require_fit()
+        if isinstance(val, Data):
+            val = val.val
+        _check_choice("method", method, ("risk", "coverage", "fixed"))
+        info: dict[str, Any] = {"method": method}
+        if method == "fixed":
+            if isinstance(threshold, dict):
+                unknown = sorted(set(threshold) - set(lay.nodes))
+                if unknown:
+                    raise TreeError(f"thresholds for unknown nodes {unknown}; nodes: {lay.nodes}")
+                info["thresholds"] = {n: float(threshold.get(n, float("-inf"))) for n in lay.nodes}
+            else:
+                info["threshold"] = float(threshold)
+        else:
+            saved = self.calibration
+            self.calibration = {}
+            self._apply_thresholds()
+            pred = self.predict(val.x)
+            self.calibration = saved
+            kappa, correct = pred.confidence, (pred.leaf == val.y)
+            if method == "coverage":
+                if coverage is None or not 0 < coverage <= 1:
+                    raise TreeError(f"coverage must be in (0, 1], got {coverage}")
+                info.update(threshold=float(coverage_threshold(kappa, coverage)),
+                            target_coverage=coverage)
+            else:
+                res = sgr_threshold(kappa, correct, target_risk=target_risk, delta=delta)
+                if not res.feasible:
+                    warnings.warn(
+                        f"no threshold reaches selective risk <= {target_risk} with confidence "
+                        f"{1 - delta} on {len(val)} calibration inputs (best bound "
+                        f"{res.risk_bound:.3f}); the tree will abstain on every input. Use more "
+                        "calibration data, a larger target_risk or a larger delta.", stacklevel=2)
+                info.update(threshold=float(res.threshold), risk_bound=float(res.risk_bound),
+                            target_risk=target_risk, delta=delta, feasible=bool(res.feasible),
+                            calibration_coverage=float(res.coverage),
+                            calibration_risk=float(res.empirical_risk))
+            info["n_calibration"] = len(val)
+        self.calibration = info
+        self._apply_thresholds()
+        return info
+
+    def thresholds_list(self) -> list[float]:
+        lay = self._require_fit()
+        c = self.calibration
+        if "thresholds" in c:
+            return [float(c["thresholds"][n]) for n in lay.nodes]
+        return [float(c.get("threshold", float("-inf")))] * len(lay.nodes)
+
+    def _apply_thresholds(self) -> None:
+        if self.router is not None:
+            self.router.thresholds.copy_(torch.tensor(self.thresholds_list()))
+
+    # ------------------------------------------------------------------------ save / load
+    def save(self, path: str | Path) -> Path:
+        """Write ``tree.json`` and ``weights.safetensors`` into the folder ``path``."""
+        lay = self._require_fit()
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        weights = {f"parent.{k}": v for k, v in self.parent.state_dict().items()}
+        head_specs = {}
+        for i, tapped in self.heads.items():
+            weights.update({f"heads.{i}.{k}": v for k, v in tapped.module.state_dict().items()})
+            spec = ({"kind": "constant"} if isinstance(tapped.module, ConstantHead)
+                    else models.spec_of(tapped.module))
+            head_specs[str(i)] = {"spec": spec, "tap": tapped.layer}
+        meta = {
+            "format": "branchnet.tree", "version": FORMAT_VERSION,
+            "classes": lay.classes, "hierarchy": lay.hierarchy.to_dict(), "tap": self.tap,
+            "router": self.router_kind, "node_input": self.node_input,
+            "branch_tap": self.branch_tap, "policy": self.policy, "score": self.score_kind,
+            "backoff": self.backoff, "parent_labels": self.parent_labels,
+            "parent_spec": models.spec_of(self.parent), "heads": head_specs,
+            "sources": self.sources, "preprocessing": self.preprocessing,
+            "input_shape": list(self.input_shape or ()), "calibration": _jsonable(self.calibration),
+            "fit_summary": _jsonable(self.fit_summary),
+        }
+        save_weights(weights, path / "weights.safetensors")
+        tmp = path / "tree.json.tmp"
+        tmp.write_text(json.dumps(meta, indent=1))
+        tmp.replace(path / "tree.json")
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, parent: nn.Module | None = None,
+             heads: dict[str, nn.Module] | None = None) -> BranchTree:
+        """Rebuild a saved tree. Models not built by branchnet must be passed in again."""
+        path = Path(path)
+        meta_path = path / "tree.json"
+        if not meta_path.is_file():
+            raise CheckpointError(f"{path} is not a saved BranchTree (no tree.json)")
+        try:
+            meta = json.loads(meta_path.read_text())
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{meta_path} is damaged: {e}") from e
+        if meta.get("format") != "branchnet.tree":
+            raise CheckpointError(f"{meta_path} is not a branchnet tree description")
+        weights, _ = load_weights(path / "weights.safetensors")
+        if parent is None:
+            if not meta["parent_spec"]:
+                raise TreeError("this tree's parent is a custom module: pass parent=... to load()")
+            parent = models.build(meta["parent_spec"])
+        _load_prefixed(parent, weights, "parent.", "parent")
+        tree = cls(parent, meta["tap"], router=meta["router"], node_input=meta["node_input"],
+                   branch_tap=meta["branch_tap"], policy=meta["policy"], score=meta["score"],
+                   backoff=meta["backoff"], train_parent=False,
+                   parent_labels=meta["parent_labels"], progress=False)
+        tree.layout = TreeLayout(Hierarchy.from_dict(meta["hierarchy"]), meta["classes"])
+        tree.hierarchy = tree.layout.hierarchy
+        tree.sources = [int(s) for s in meta["sources"]]
+        for key, hs in meta["heads"].items():
+            node = tree.layout.nodes[int(key)]
+            if heads and node in heads:
+                module = heads[node]
+            elif hs["spec"] and hs["spec"].get("kind") == "constant":
+                module = ConstantHead()
+            elif hs["spec"]:
+                module = models.build(hs["spec"])
+            else:
+                raise TreeError(f"the head of {node!r} is a custom module: pass heads={{...}}")
+            _load_prefixed(module, weights, f"heads.{key}.", f"head {node!r}")
+            tree.heads[int(key)] = Tapped(module.eval().requires_grad_(False), hs["tap"])
+        tree.parent.eval().requires_grad_(False)
+        tree.preprocessing = meta["preprocessing"]
+        tree.input_shape = tuple(meta["input_shape"]) or None
+        tree.calibration = meta["calibration"]
+        tree.fit_summary = meta["fit_summary"]
+        tree._build_router()
+        return tree
+
+    def to_torchscript(self, path: str | Path | None = None,
+                       example: torch.Tensor | None = None) -> torch.jit.ScriptModule:
+        """Trace the whole tree (parent, heads, routing, thresholds) into TorchScript.
+
+        The traced module returns ``(leaf, path_nodes, path_conf, stop_level, leaf_probs)``,
+        the same tensors :meth:`predict` builds its :class:`Prediction` from.
+        """
+        self._require_fit()
+        assert self.router is not None
+        if example is None:
+            if not self.input_shape:
+                raise TreeError("pass example=... (a batch of inputs) to trace the tree")
+            example = torch.zeros(2, *self.input_shape)
+        with torch.no_grad():
+            traced = torch.jit.trace(self.router, (example,), check_trace=False)
+        if path is not None:
+            torch.jit.save(traced, str(path))
+        return traced
+
+    def __repr__(self) -> str:
+        state = "fitted" if self.layout else "not fitted"
+        return (f"BranchTree(tap={self.tap!r}, router={self.router_kind!r}, "
+                f"policy={self.policy!r}, {state})")
+
+
+_HEAD_DEFAULTS = {"epochs": 100, "batch_size": 64, "lr": 3e-4, "weight_decay": 0.01,
+                  "patience": 10}
+
+
+def _train_config(cfg: TrainConfig | dict | None, progress: bool,
+                  default: dict[str, Any] | None = None) -> TrainConfig:
+    if isinstance(cfg, TrainConfig):
+        return cfg
+    merged = {**(default or {}), "progress": progress, **(cfg or {})}
+    return TrainConfig.from_dict(merged)
+
+
+def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise TreeError(f"{name}={value!r} is not allowed; choose one of {list(allowed)}")
+
+
+def _fit_brief(res: Any) -> dict[str, Any]:
+    last = res.history[-1] if res.history else {}
+    best = next((h for h in res.history if h.get("epoch") == res.best_epoch), last)
+    return {"epochs_run": res.epochs_run, "best_epoch": res.best_epoch,
+            "best_val_loss": res.best_val_loss, "val_acc": best.get("val_acc"),
+            "train_acc": best.get("train_acc")}
+
+
+def _load_prefixed(module: nn.Module, weights: dict[str, torch.Tensor], prefix: str,
+                   what: str) -> None:
+    state = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as e:
+        raise CheckpointError(f"the saved weights do not fit the {what}: {e}") from e
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None if math.isnan(obj) else (1e308 if obj > 0 else -1e308)
+    return obj
+
+
