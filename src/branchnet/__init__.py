@@ -1,3 +1,34 @@
-"""branchnet: branched neural networks on PyTorch."""
+"""branchnet: branched neural networks on PyTorch.
+
+>>> import branchnet as bn
+>>> sorted(bn.Hierarchy.builtin("cifar10").children("root"))
+['animals', 'vehicles']
+"""
 
 __version__ = "0.1.0"
+
+from branchnet import data, engine, metrics, models, selective
+from branchnet.cache import ActivationCache, CachedActivations
+from branchnet.data.hierarchy import Hierarchy
+from branchnet.engine import TrainConfig
+from branchnet.runs import Run
+from branchnet.taps import extract, layer_names, tap
+from branchnet.tree import BranchTree, Prediction
+
+__all__ = [
+    "ActivationCache",
+    "BranchTree",
+    "CachedActivations",
+    "Hierarchy",
+    "Prediction",
+    "Run",
+    "TrainConfig",
+    "data",
+    "engine",
+    "extract",
+    "layer_names",
+    "metrics",
+    "models",
+    "selective",
+    "tap",
+]

@@ -29,6 +29,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 _STRUCT_KEY = "branchnet.structure"
+# marker keys of the JSON encoding; a dict using one of them is stored as an item list
+_MARKERS = frozenset({"__tensor__", "__tuple__", "__items__", "__float__", "__str__"})
 
 
 class CheckpointError(RuntimeError):
@@ -41,7 +43,7 @@ def _encode(obj: Any, tensors: dict[str, torch.Tensor], where: str) -> Any:
         tensors[key] = obj.detach().cpu().contiguous().clone()
         return {"__tensor__": key}
     if isinstance(obj, dict):
-        if all(isinstance(k, str) for k in obj) and "__tensor__" not in obj:
+        if all(isinstance(k, str) for k in obj) and _MARKERS.isdisjoint(obj):
             return {k: _encode(v, tensors, f"{where}.{k}") for k, v in obj.items()}
         return {"__items__": [[_encode(k, tensors, where), _encode(v, tensors, f"{where}[{k!r}]")]
                               for k, v in obj.items()]}

@@ -33,7 +33,6 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
 from torch.utils.data import Dataset
@@ -124,6 +123,8 @@ class ClassifierModule(L.LightningModule):
         self.cfg = cfg
         self.loss_fn = loss_fn or F.cross_entropy
         self._sums: dict[str, torch.Tensor] = {}
+        self.history: list[dict[str, float]] = []
+        self.csv_path: Path | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
@@ -155,20 +156,41 @@ class ClassifierModule(L.LightningModule):
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         self._loss(*batch, "val")
 
-    def _log_epoch(self, stage: str) -> None:
-        s = self._sums.pop(stage, None)
-        if s is None:
-            return
-        s = self.trainer.strategy.reduce(s, reduce_op="sum")
-        n = max(float(s[2]), 1.0)
-        self.log(f"{stage}_loss", float(s[0]) / n, prog_bar=stage == "val")
-        self.log(f"{stage}_acc", float(s[1]) / n, prog_bar=stage == "val")
+    def _end_epoch(self) -> None:
+        """Log this epoch's sums and add a row to the history (kept inside checkpoints)."""
+        row: dict[str, float] = {"epoch": self.current_epoch}
+        for stage in ("train", "val"):
+            sums = self._sums.pop(stage, None)
+            if sums is None:
+                continue
+            sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
+            n = max(float(sums[2]), 1.0)
+            row[f"{stage}_loss"], row[f"{stage}_acc"] = float(sums[0]) / n, float(sums[1]) / n
+            self.log(f"{stage}_loss", row[f"{stage}_loss"], prog_bar=stage == "val")
+            self.log(f"{stage}_acc", row[f"{stage}_acc"], prog_bar=stage == "val")
+        self.history.append(row)
+        if self.csv_path is not None and self.trainer.is_global_zero:
+            write_history(self.history, self.csv_path)
+
+    # Validation runs after the epoch's training batches, before checkpointing: end the epoch
+    # there when there is validation, else at the end of training.
+    def on_validation_epoch_end(self) -> None:
+        if not self.trainer.sanity_checking:
+            self._end_epoch()
 
     def on_train_epoch_end(self) -> None:
-        self._log_epoch("train")
+        if "train" in self._sums:
+            self._end_epoch()
 
-    def on_validation_epoch_end(self) -> None:
-        self._log_epoch("val")
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # the global RNG drives dropout: restoring it makes a resumed run identical
+        checkpoint["torch_rng_state"] = torch.get_rng_state()
+        checkpoint["history"] = self.history
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "torch_rng_state" in checkpoint:
+            torch.set_rng_state(checkpoint["torch_rng_state"])
+        self.history = list(checkpoint.get("history", []))
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         c = self.cfg
@@ -193,21 +215,15 @@ def _quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*treespec.*")
 
 
-def read_history(csv_path: Path) -> list[dict[str, float]]:
-    """Per-epoch metrics from Lightning's CSV log (rows of one epoch merged)."""
-    if not csv_path.is_file():
-        return []
-    by_epoch: dict[int, dict[str, float]] = {}
-    with csv_path.open() as f:
-        for row in csv.DictReader(f):
-            if not row.get("epoch"):
-                continue
-            ep = int(float(row["epoch"]))
-            rec = by_epoch.setdefault(ep, {"epoch": ep})
-            for k, v in row.items():
-                if k not in ("epoch", "step") and v not in ("", None):
-                    rec[k] = float(v)
-    return [by_epoch[k] for k in sorted(by_epoch)]
+def write_history(history: list[dict[str, float]], path: Path) -> None:
+    """Write per-epoch metrics as CSV, atomically."""
+    columns = sorted({k for row in history for k in row}, key=lambda k: (k != "epoch", k))
+    tmp = path.with_suffix(".csv.tmp")
+    with tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(history)
+    os.replace(tmp, path)
 
 
 def fit(
@@ -245,6 +261,7 @@ def fit(
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     module = ClassifierModule(model, cfg, loss_fn)
+    module.csv_path = workdir / "metrics.csv"
     monitor = "val_loss" if val is not None else None
     checkpoint = _SafeCheckpoint(
         dirpath=ckpt_dir, filename="best-{epoch:03d}", monitor=monitor, mode="min",
@@ -263,7 +280,7 @@ def fit(
         strategy=strategy,
         plugins=[SafetensorsCheckpointIO()],
         callbacks=callbacks,
-        logger=CSVLogger(save_dir=str(workdir), name="", version=""),
+        logger=False,
         enable_progress_bar=cfg.progress,
         enable_model_summary=False,
         num_sanity_val_steps=0,
@@ -279,10 +296,17 @@ def fit(
     trainer.fit(module, train_loader, val_loader,
                 ckpt_path=str(last) if resume and last.exists() else None)
 
-    history = read_history(workdir / "metrics.csv")
+    history, epochs_run = module.history, trainer.current_epoch
+    if cfg.devices > 1 and last.is_file():
+        # DDP trained in spawned workers: this process only got the final weights back (not
+        # the history, epoch count or best score), so read them from rank 0's last checkpoint
+        ck = load_checkpoint(last)
+        history, epochs_run = list(ck.get("history", [])), int(ck["epoch"]) + 1
+        if checkpoint.state_key in ck.get("callbacks", {}):
+            checkpoint.load_state_dict(ck["callbacks"][checkpoint.state_key])
     best_path = checkpoint.best_model_path or None
-    result = FitResult(history=history, epochs_run=trainer.current_epoch,
-                       stopped_early=trainer.current_epoch < cfg.epochs,
+    result = FitResult(history=history, epochs_run=epochs_run,
+                       stopped_early=epochs_run < cfg.epochs,
                        best_checkpoint=best_path)
     if best_path:
         result.best_val_loss = float(checkpoint.best_model_score)

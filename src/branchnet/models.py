@@ -58,7 +58,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.flatten(x)
-        if x.shape[1] != self.spec["sizes"][0]:
+        if not torch.jit.is_tracing() and x.shape[1] != self.spec["sizes"][0]:
             raise ValueError(
                 f"MLP expects {self.spec['sizes'][0]} input features, got {x.shape[1]} "
                 f"(input shape {tuple(x.shape)})"
@@ -95,7 +95,7 @@ class SmallCNN(nn.Module):
         self.head = nn.Linear(hidden, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.ndim != 4 or x.shape[1] != self.spec["in_channels"]:
+        if not torch.jit.is_tracing() and (x.ndim != 4 or x.shape[1] != self.spec["in_channels"]):
             raise ValueError(
                 f"SmallCNN expects images [N, {self.spec['in_channels']}, H, W], "
                 f"got shape {tuple(x.shape)}"

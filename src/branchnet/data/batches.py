@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 
 def collate_batch(batch: Any) -> Any:
@@ -44,17 +44,37 @@ class TensorPairs(Dataset):
         return self.x[index], self.y[index]
 
 
+class EpochShuffle(Sampler[int]):
+    """A random permutation per epoch, drawn from ``(seed, epoch)`` alone.
+
+    Lightning calls ``set_epoch`` before each epoch, so a run resumed at epoch ``e`` sees the
+    same order as an uninterrupted one (``DistributedSampler`` does the same under DDP).
+    """
+
+    def __init__(self, n: int, seed: int = 0):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+
 def make_loader(dataset: Dataset, batch_size: int, shuffle: bool = False,
-                num_workers: int = 0, seed: int | None = None) -> DataLoader:
-    """A DataLoader that fetches whole batches through ``__getitems__`` when available."""
-    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+                num_workers: int = 0, seed: int = 0) -> DataLoader:
+    """A DataLoader that fetches whole batches through ``__getitems__`` when available;
+    shuffling is reproducible per epoch (:class:`EpochShuffle`)."""
     batched = hasattr(dataset, "__getitems__")
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=shuffle,
+        sampler=EpochShuffle(len(dataset), seed) if shuffle else None,
         num_workers=num_workers,
         collate_fn=collate_batch if batched else None,
-        generator=generator,
         persistent_workers=num_workers > 0,
     )

@@ -256,9 +256,7 @@ def _load_cache(data_path: Path, meta_path: Path) -> tuple[dict[str, np.ndarray]
     return arrays, meta
 
 
-def _save_cache(
-    data_path: Path, meta_path: Path, arrays: dict[str, np.ndarray], meta: dict
-) -> None:
+def _save_cache(data_path: Path, meta_path: Path, arrays: dict[str, np.ndarray], meta: dict) -> None:
     from safetensors.numpy import save_file
 
     try:
@@ -308,9 +306,7 @@ def _decode(
         entries = sorted(entries, key=lambda e: (e[1], listing[e[0]][0]))
         items += [(_label(source, *listing[i]), listing[i][1]) for i, _ in entries]
         labels.append(np.array([index[c] for _, c in entries], dtype=np.int64))
-    x = images.decode_many(
-        items, size=size, mode=mode, progress=progress, desc=f"decoding {source.name}"
-    )
+    x = images.decode_many(items, size=size, mode=mode, progress=progress, desc=f"decoding {source.name}")
     x = np.ascontiguousarray(x.transpose(0, 3, 1, 2))  # NHWC -> NCHW, cached as such
     arrays, start = {}, 0
     for (split, _), y in zip(order, labels, strict=True):
@@ -347,9 +343,7 @@ def read_image_folder(
         stem = src.resolve().name
     else:
         if not is_archive(src):
-            raise DataError(
-                f"{src} is not a directory or an archive ({', '.join(ARCHIVE_SUFFIXES)})"
-            )
+            raise DataError(f"{src} is not a directory or an archive ({', '.join(ARCHIVE_SUFFIXES)})")
         content_key = _sha256_file(src)
         listing = None
         stem = archive_stem(src)
@@ -376,11 +370,7 @@ def read_image_folder(
                 "classes": classes,
             }
             _save_cache(data_path, meta_path, arrays, meta)
-    splits = {
-        s: (arrays[f"{s}.x"], arrays[f"{s}.y"])
-        for s in ("train", "val", "test")
-        if f"{s}.x" in arrays
-    }
+    splits = {s: (arrays[f"{s}.x"], arrays[f"{s}.y"]) for s in ("train", "val", "test") if f"{s}.x" in arrays}
     return RawData(
         splits=splits,
         classes=classes,

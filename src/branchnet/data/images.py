@@ -77,8 +77,7 @@ def decode_image(
             arr = np.asarray(img, dtype=np.uint8)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise DataError(
-            f"cannot read image {label}: {e}; the file is unreadable or corrupt — "
-            "replace or remove it"
+            f"cannot read image {label}: {e}; the file is unreadable or corrupt — replace or remove it"
         ) from e
     return arr[:, :, None] if arr.ndim == 2 else arr
 

@@ -139,7 +139,7 @@ def _validate(raw: RawData) -> None:
         if not np.issubdtype(y.dtype, np.integer) and not integral:
             raise DataError(f"{raw.name}: {split} labels must be integers, got {y.dtype}")
         if y.size and (y.min() < 0 or y.max() >= n_cls):
-            bad = y[(y < 0) | (y >= n_cls)][0]
+            bad = y[(y < 0) | (y >= n_cls)][0].item()
             raise DataError(
                 f"{raw.name}: {split} label {bad!r} out of range 0..{n_cls - 1} "
                 f"({n_cls} classes: {raw.classes[:20]}); fix the labels or the class list"
@@ -169,15 +169,18 @@ def _class_indices(wanted: Sequence[str | int], classes: list[str]) -> list[int]
     return idx
 
 
-def _select(raw: RawData, wanted: Sequence[str | int]) -> None:
+def _select(raw: RawData, wanted: Sequence[str | int]) -> dict[str, np.ndarray]:
+    """Keep only the wanted classes (renumbered); returns the kept rows of each split."""
     idx = _class_indices(wanted, raw.classes)
     lut = np.full(len(raw.classes), -1, dtype=np.int64)
     lut[idx] = np.arange(len(idx))
+    rows = {}
     for split, (x, y) in raw.splits.items():
         new = lut[y]
-        keep = new >= 0
-        raw.splits[split] = (x[keep], new[keep])
+        rows[split] = np.flatnonzero(new >= 0)
+        raw.splits[split] = (x, new)
     raw.classes = [raw.classes[i] for i in idx]
+    return rows
 
 
 def _max_per_class(y: np.ndarray, k: int, seed: int) -> np.ndarray:
@@ -209,16 +212,13 @@ def _read(
     if isinstance(source, Mapping):
         return _from_arrays(source, str(source.get("name", "arrays")))
     if not isinstance(source, (str, Path)):
-        raise DataError(
-            f"unsupported data source of type {type(source).__name__}; accepted: {ACCEPTED}"
-        )
+        raise DataError(f"unsupported data source of type {type(source).__name__}; accepted: {ACCEPTED}")
     if isinstance(source, str) and source.lower() == "digits":
         return read_digits()
     path = Path(source).expanduser()
     if not path.exists():
         raise DataError(
-            f"data source {str(source)!r} is not a known name or an existing path; "
-            f"accepted: {ACCEPTED}"
+            f"data source {str(source)!r} is not a known name or an existing path; accepted: {ACCEPTED}"
         )
     if path.is_dir() and find_cifar_dir(path) is not None:
         return read_cifar(path, label_set=label_set)
@@ -274,32 +274,30 @@ def load(
     raw = _read(source, image_size, image_mode, label_set, cache_dir, progress)
     if image_size is not None and raw.info.get("resample") is None:
         raise DataError(f"image_size only applies to image folders and archives, not {raw.name}")
+    if image_mode != "RGB" and raw.info.get("image_mode") != image_mode:
+        raise DataError(f"image_mode only applies to image folders and archives, not {raw.name}")
     if label_set != "fine" and not raw.name.startswith("cifar100"):
         raise DataError(f"label_set={label_set!r} only applies to CIFAR-100, not {raw.name}")
     _validate(raw)
+    # Splits are tracked as row indices into the raw arrays; rows are copied only once, below.
+    rows = {k: np.arange(len(y)) for k, (_, y) in raw.splits.items()}
     if classes is not None:
-        _select(raw, classes)
-    splits = dict(raw.splits)
-    x, y = splits["train"]
-    if "test" not in splits:
-        keep, test = stratified_split(y, test_fraction, seed)
-        splits["test"] = (x[test], y[test])
-        x, y = x[keep], y[keep]
+        rows = _select(raw, classes)
+    y = raw.splits["train"][1]
+    if "test" not in rows:
+        keep, test = stratified_split(y[rows["train"]], test_fraction, seed)
+        rows["test"], rows["train"] = rows["train"][test], rows["train"][keep]
     if max_per_class is not None:
-        keep = _max_per_class(y, max_per_class, seed)
-        x, y = x[keep], y[keep]
-    if "val" not in splits:
-        keep, val = stratified_split(y, val_fraction, seed)
-        splits["val"] = (x[val], y[val])
-        x, y = x[keep], y[keep]
-    splits["train"] = (x, y)
+        rows["train"] = rows["train"][_max_per_class(y[rows["train"]], max_per_class, seed)]
+    if "val" not in rows:
+        keep, val = stratified_split(y[rows["train"]], val_fraction, seed)
+        rows["val"], rows["train"] = rows["train"][val], rows["train"][keep]
+    src = {k: raw.splits.get(k, raw.splits["train"]) for k in ("train", "val", "test")}
+    labels = {k: np.ascontiguousarray(src[k][1][rows[k]]) for k in src}
     mode = normalize or raw.default_normalize
-    xf = {k: to_float(v[0], raw.scale) for k, v in splits.items()}
+    xf = {k: to_float(src[k][0], raw.scale, rows=rows[k]) for k in src}
     stats = fit_normalization(xf["train"], mode, scale=raw.scale)
-    out = {
-        k: Split(torch.from_numpy(normalize_(xf[k], stats)), torch.from_numpy(splits[k][1]))
-        for k in ("train", "val", "test")
-    }
+    out = {k: Split(torch.from_numpy(normalize_(xf[k], stats)), torch.from_numpy(labels[k])) for k in src}
     shape = list(xf["train"].shape[1:])
     image = raw.kind == "image"
     size = parse_size(image_size)

@@ -133,12 +133,21 @@ def fit_normalization(x_train: np.ndarray, mode: str, *, scale: float = 1.0) -> 
     return {"mode": mode, "scale": float(scale), "mean": mean.tolist(), "std": std.tolist()}
 
 
-def to_float(x: np.ndarray, scale: float) -> np.ndarray:
-    """Raw values -> float32 times ``scale`` (a new array)."""
+def to_float(x: np.ndarray, scale: float, rows: np.ndarray | None = None) -> np.ndarray:
+    """Raw values (optionally only ``rows``) -> a new float32 array times ``scale``.
+
+    >>> to_float(np.array([[0, 255]], dtype=np.uint8), 1 / 255).tolist()
+    [[0.0, 1.0]]
+    """
     x = np.asarray(x)
-    if scale == 1.0:
-        return x.astype(np.float32)
-    return np.multiply(x, np.float32(scale), dtype=np.float32)
+    factor = np.float32(scale)
+    if rows is None:
+        return np.multiply(x, factor, dtype=np.float32)
+    out = np.empty((len(rows), *x.shape[1:]), dtype=np.float32)
+    step = max(1, _CHUNK_ELEMENTS // max(1, int(np.prod(x.shape[1:]))))
+    for i in range(0, len(rows), step):  # gather in chunks: no full-size copy of raw rows
+        np.multiply(x[rows[i : i + step]], factor, out=out[i : i + step], dtype=np.float32)
+    return out
 
 
 def normalize_(x: np.ndarray, stats: dict[str, Any]) -> np.ndarray:

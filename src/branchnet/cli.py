@@ -1,0 +1,235 @@
+"""The ``branchnet`` command line.
+
+::
+
+    branchnet demo                           the tree story on digits, in under a minute
+    branchnet tree fit CONFIG [--set k=v]    fit, calibrate, evaluate, report -> a new run folder
+    branchnet tree fit --resume RUN          continue an interrupted run where it stopped
+    branchnet tree eval RUN [--split test]   re-evaluate a saved tree
+    branchnet tree predict RUN INPUT         route images / arrays through a saved tree
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+DEMO_CONFIG: dict[str, Any] = {
+    "name": "demo-digits",
+    "seed": 0,
+    "data": {"source": "digits", "val_fraction": 0.4, "test_fraction": 0.2},
+    "hierarchy": {"round": ["0", "6", "8", "9"], "straight": ["1", "4", "7"],
+                  "curly": ["2", "3", "5"]},
+    "parent": {"model": {"kind": "mlp", "sizes": [64, 256, 128], "dropout": 0.1},
+               "tap": "hidden.1", "train": {"epochs": 30, "batch_size": 32, "lr": 1e-3,
+                                            "patience": 8}},
+    "tree": {"head": {"hidden": 128, "dropout": 0.3},
+             "head_train": {"epochs": 60, "batch_size": 32, "lr": 1e-3, "weight_decay": 0.0,
+                            "patience": 8}},
+    "calibration": {"method": "risk", "target_risk": 0.03, "delta": 0.1},
+    "progress": False,
+}
+
+
+def _print_result(result: dict[str, Any], run_path: Path) -> None:
+    from branchnet.metrics import format_table
+    from branchnet.tree.evaluate import summary_rows
+
+    print()
+    print(format_table(summary_rows(result)))
+    cal = result["calibration"]
+    if cal.get("method") == "risk" and not cal.get("feasible"):
+        print(f"\nno threshold reaches selective risk <= {cal['target_risk']} with probability "
+              f">= {1 - cal['delta']:.2f} on {cal['n_calibration']} validation inputs: the tree "
+              "abstains on everything (use more calibration data or a larger target risk)")
+    elif cal.get("method") == "risk":
+        print(f"\ncalibrated threshold {cal['threshold']:.4f}: selective risk <= "
+              f"{cal['target_risk']} with probability >= {1 - cal['delta']:.2f} "
+              f"(bound {cal['risk_bound']:.4f} on {cal['n_calibration']} validation inputs)")
+    acc = result["accuracy_on_accepted"]
+    print(f"test: accuracy {result['accuracy']:.4f}; accepted {result['accepted']}/"
+          f"{result['n_test']} ({result['coverage']:.1%}), accuracy on accepted "
+          + (f"{acc:.4f}" if acc is not None else "n/a")
+          + f"; hF {result['hierarchical']['hF']:.4f}")
+    print(f"\nrun folder: {run_path}  (report.html, metrics.json, figures/, tree/)")
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from branchnet.runs import Run
+    from branchnet.tree.experiment import DEFAULTS, merge_config, run_experiment
+
+    t0 = time.perf_counter()
+    cfg = merge_config(DEFAULTS, DEMO_CONFIG)
+    cfg["seed"] = args.seed
+    run = Run.create(args.out, cfg["name"])
+    print("branchnet demo: a parent MLP on digits, one branch per group of digits, routed and "
+          "calibrated to abstain when unsure\n")
+    result = run_experiment(cfg, run)
+    _print_result(result, run.path)
+    print(f"done in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def cmd_tree_fit(args: argparse.Namespace) -> int:
+    from branchnet.runs import Run
+    from branchnet.tree.experiment import load_config, run_experiment
+
+    if args.resume:
+        run = Run.open(args.resume)
+        cfg = load_config(run.path / "config.yaml", args.set)
+        config_dir = Path(args.config).resolve().parent if args.config else None
+    else:
+        if not args.config:
+            raise SystemExit("branchnet tree fit: give a CONFIG file, or --resume RUN")
+        cfg = load_config(args.config, args.set)
+        if args.seed is not None:
+            cfg["seed"] = args.seed
+        config_dir = Path(args.config).resolve().parent
+        run = Run.create(args.out, cfg["name"] + f"-s{cfg['seed']}")
+    if args.devices:
+        cfg["parent"]["train"]["devices"] = args.devices
+    if args.no_progress:
+        cfg["progress"] = False
+    print(f"run folder: {run.path}")
+    result = run_experiment(cfg, run, resume=bool(args.resume), config_dir=config_dir)
+    _print_result(result, run.path)
+    return 0
+
+
+def _load_run_tree(run_dir: str) -> tuple[Any, Any]:
+    from branchnet.runs import Run
+    from branchnet.tree.tree import BranchTree
+
+    run = Run.open(run_dir)
+    if not (run.path / "tree" / "tree.json").is_file():
+        raise SystemExit(f"{run.path} has no saved tree yet (the run did not finish); "
+                         f"resume it with: branchnet tree fit --resume {run.path}")
+    return run, BranchTree.load(run.path / "tree")
+
+
+def cmd_tree_eval(args: argparse.Namespace) -> int:
+    from branchnet.tree.evaluate import evaluate
+    from branchnet.tree.experiment import load_config, load_data
+
+    run, tree = _load_run_tree(args.run)
+    cfg = load_config(run.path / "config.yaml")
+    cfg["progress"] = False
+    data = load_data(cfg)
+    split = data.splits()[args.split]
+    result, figures = evaluate(tree, split)
+    name = f"eval-{args.split}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run.write_metrics(result, f"{name}.json")
+    for fig_name, fig in figures.items():
+        run.save_figure(fig, f"{name}-{fig_name}")
+    _print_result(result, run.path)
+    print(f"metrics written to {run.path / (name + '.json')}")
+    return 0
+
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+
+
+def read_inputs(path: Path, preprocessing: dict[str, Any]) -> tuple[Any, list[str]]:
+    """Raw inputs from an image, a folder of images, or a .npy / .npz array, prepared like the
+    training data. Returns (tensor, names)."""
+    from branchnet.data import DataError, apply_preprocessing, read_image_files
+
+    if not path.exists():
+        raise DataError(f"input {path} does not exist")
+    if path.suffix in (".npy", ".npz"):
+        arr = np.load(path, allow_pickle=False)
+        if path.suffix == ".npz":
+            arr = arr["x"] if "x" in arr.files else arr[arr.files[0]]
+        return apply_preprocessing(arr, preprocessing), [f"{path.name}[{i}]" for i in range(len(arr))]
+    files = (sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+             if path.is_dir() else [path])
+    if not files:
+        raise DataError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found in {path}")
+    size = preprocessing.get("image_size") or preprocessing.get("input_shape", [None] * 3)[1:]
+    mode = preprocessing.get("image_mode", "RGB")
+    raw = read_image_files(files, size=tuple(size) if size and all(size) else None, mode=mode)
+    return apply_preprocessing(raw, preprocessing), [str(f) for f in files]
+
+
+def cmd_tree_predict(args: argparse.Namespace) -> int:
+    from branchnet.metrics import format_table
+
+    run, tree = _load_run_tree(args.run)
+    x, names = read_inputs(Path(args.input), tree.preprocessing)
+    pred = tree.predict(x)
+    records = pred.to_records(k=args.top)
+    if args.json:
+        for name, rec in zip(names, records, strict=True):
+            print(json.dumps({"input": name, **rec}))
+    else:
+        rows = [{"input": n, "prediction": r["prediction"] or "(abstain)",
+                 "path": " > ".join(r["path"]), "confidence": r["confidence"], "why": r["why"]}
+                for n, r in zip(names, records, strict=True)]
+        print(format_table(rows))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="branchnet", description="Branched neural networks on PyTorch.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("demo", help="the whole tree story on digits, in under a minute")
+    d.add_argument("--out", default="runs", help="folder for run folders (default: runs)")
+    d.add_argument("--seed", type=int, default=0)
+    d.set_defaults(func=cmd_demo)
+
+    t = sub.add_parser("tree", help="hierarchical branching").add_subparsers(dest="tree_cmd",
+                                                                            required=True)
+    f = t.add_parser("fit", help="fit a tree from a YAML config into a new run folder")
+    f.add_argument("config", nargs="?", help="experiment YAML (see configs/)")
+    f.add_argument("--out", default="runs", help="folder for run folders (default: runs)")
+    f.add_argument("--resume", metavar="RUN", help="continue an interrupted run folder")
+    f.add_argument("--seed", type=int, help="override the config's seed")
+    f.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set parent.train.epochs=5")
+    f.add_argument("--devices", type=int, help="train the parent with DDP on N CPU processes")
+    f.add_argument("--no-progress", action="store_true", help="no progress bars")
+    f.set_defaults(func=cmd_tree_fit)
+
+    e = t.add_parser("eval", help="evaluate a run's saved tree")
+    e.add_argument("run")
+    e.add_argument("--split", default="test", choices=["train", "val", "test"])
+    e.set_defaults(func=cmd_tree_eval)
+
+    pr = t.add_parser("predict", help="route inputs through a run's saved tree")
+    pr.add_argument("run")
+    pr.add_argument("input", help="an image, a folder of images, or a .npy/.npz array")
+    pr.add_argument("--top", type=int, default=1, help="also list the k most probable classes")
+    pr.add_argument("--json", action="store_true", help="one JSON object per input")
+    pr.set_defaults(func=cmd_tree_predict)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::UserWarning")
+    from branchnet.cache import CacheError
+    from branchnet.checkpoint import CheckpointError
+    from branchnet.data import DataError
+    from branchnet.engine import TrainingError
+    from branchnet.runs import RunError
+    from branchnet.taps import TapError
+    from branchnet.tree.tree import TreeError
+
+    try:
+        return int(args.func(args) or 0)
+    except (DataError, TreeError, TrainingError, CheckpointError, CacheError, RunError,
+            TapError) as e:
+        print(f"branchnet: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

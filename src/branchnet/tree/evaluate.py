@@ -1,0 +1,145 @@
+"""Evaluation of a fitted :class:`BranchTree`: end-to-end, per branch, and hierarchical metrics.
+
+:func:`evaluate` returns a JSON-able dict of metrics and a dict of matplotlib figures; the CLI
+and the demo write both into the run folder.
+
+* **end to end**: accuracy of the routed class on every input, coverage, selective risk and
+  accuracy on accepted inputs at the calibrated threshold, AURC / E-AURC of the tree's
+  confidence, hierarchical precision / recall / F1 (HiClass definitions; a backed-off input
+  predicts its group), NLL / Brier / ECE of the path probabilities.
+* **per branch, as Neural-Branching measured it**: each branch on the test inputs of its own
+  classes (oracle routing): overall accuracy, inputs accepted at max softmax >= 0.96 and
+  accuracy on them, the same at the calibrated threshold, and AURC.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from matplotlib.figure import Figure
+
+from branchnet import metrics, selective
+from branchnet.data.dataset import Split
+from branchnet.tree.prediction import Prediction
+from branchnet.tree.tree import BranchTree
+
+ORIGINAL_THRESHOLD = selective.ORIGINAL_THRESHOLD
+
+
+def _accept_stats(conf: torch.Tensor, correct: torch.Tensor, threshold: float) -> dict[str, Any]:
+    m = selective.selective_metrics(conf, correct, threshold)
+    return {"threshold": threshold, "accepted": m["accepted"], "coverage": m["coverage"],
+            "accuracy_on_accepted": m["accuracy_on_accepted"]}
+
+
+def branch_metrics(tree: BranchTree, test: Split) -> dict[str, dict[str, Any]]:
+    """Each internal node on the test inputs of its own classes (the original's protocol)."""
+    lay = tree._require_fit()
+    out: dict[str, dict[str, Any]] = {}
+    calibrated = tree.thresholds_list()
+    for i, node in enumerate(lay.nodes):
+        slots = lay.slot_of_label(node, test.y)
+        rows = torch.nonzero(slots >= 0).flatten()
+        if len(rows) == 0 or lay.n_children[i] < 2:
+            continue
+        probs = tree.node_proba(node, test.x[rows])
+        conf = probs.max(dim=1).values
+        correct = probs.argmax(dim=1) == slots[rows]
+        rec: dict[str, Any] = {
+            "children": lay.hierarchy.children(node), "n_test": len(rows),
+            "overall_accuracy": float(correct.float().mean()),
+            "at_0.96": _accept_stats(conf, correct, ORIGINAL_THRESHOLD),
+            "aurc": selective.aurc(conf, correct),
+            "mean_conf_correct": float(conf[correct].mean()) if correct.any() else None,
+            "mean_conf_wrong": float(conf[~correct].mean()) if (~correct).any() else None,
+        }
+        if calibrated[i] > float("-inf"):
+            rec["at_calibrated"] = _accept_stats(conf, correct, calibrated[i])
+        out[node] = rec
+    return out
+
+
+def hierarchical_scores(pred: Prediction, y: torch.Tensor, tree: BranchTree) -> dict[str, float]:
+    lay = tree._require_fit()
+    h = lay.hierarchy
+    pred_sets = [set(h.path(n)[1:]) if n else set() for n in pred.predicted_nodes()]
+    true_sets = [set(h.path(lay.classes[int(c)])[1:]) for c in y]
+    return metrics.hierarchical_prf(pred_sets, true_sets, average="micro")
+
+
+def evaluate(tree: BranchTree, test: Split) -> tuple[dict[str, Any], dict[str, Figure]]:
+    """Metrics (JSON-able) and figures for a fitted, usually calibrated, tree on ``test``."""
+    lay = tree._require_fit()
+    pred = tree.predict(test.x)
+    y = test.y
+    correct = pred.leaf == y
+    conf = pred.confidence
+    accepted = ~pred.abstained
+    result: dict[str, Any] = {
+        "n_test": len(test),
+        "accuracy": float(correct.float().mean()),
+        "coverage": float(accepted.float().mean()),
+        "accepted": int(accepted.sum()),
+        "accuracy_on_accepted": float(correct[accepted].float().mean()) if accepted.any() else None,
+        "selective_risk": float((~correct[accepted]).float().mean()) if accepted.any() else None,
+        "aurc": selective.aurc(conf, correct),
+        "eaurc": selective.eaurc(conf, correct),
+        "nll": metrics.nll(pred.leaf_probs, y),
+        "brier": metrics.brier(pred.leaf_probs, y),
+        "ece": metrics.ece(pred.leaf_probs, y),
+        "hierarchical": hierarchical_scores(pred, y, tree),
+        "calibration": tree.calibration,
+        "branches": branch_metrics(tree, test),
+        "per_class": metrics.per_class_table(pred.leaf, y, lay.classes, scores=conf,
+                                             threshold=tree.calibration.get("threshold")),
+    }
+    if tree.backoff:
+        result["backed_off"] = int(sum(1 for i in range(len(pred))
+                                       if pred.abstained[i] and pred.node(i) is not None))
+    figures = {
+        "risk_coverage": selective.plot_risk_coverage({"tree": (conf, correct)}),
+        "confusion": metrics.plot_confusion(metrics.confusion_matrix(pred.leaf, y, len(lay.classes)),
+                                            lay.classes, title="routed class (before abstention)"),
+        "branches": plot_branches(result["branches"]),
+    }
+    return result, figures
+
+
+def plot_branches(branches: dict[str, dict[str, Any]]) -> Figure:
+    """Bar chart: per branch, overall accuracy, coverage at 0.96 and accuracy on accepted."""
+    fig = Figure(figsize=(max(4.0, 1.6 * len(branches) + 2), 3.2))
+    ax = fig.add_subplot(1, 1, 1)
+    names = list(branches)
+    series = {
+        "accuracy": [b["overall_accuracy"] for b in branches.values()],
+        "coverage @0.96": [b["at_0.96"]["coverage"] for b in branches.values()],
+        "acc. on accepted @0.96": [b["at_0.96"]["accuracy_on_accepted"] or 0.0
+                                   for b in branches.values()],
+    }
+    width = 0.8 / len(series)
+    for k, (label, vals) in enumerate(series.items()):
+        ax.bar([i + k * width for i in range(len(names))], vals, width, label=label)
+    ax.set_xticks([i + width for i in range(len(names))], names)
+    ax.set_ylim(0, 1.05)
+    ax.set_title("branches on their own classes (oracle routing)")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
+def summary_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """Rows for the printed table: the tree end to end, then each branch."""
+    rows = [{
+        "model": "tree (end to end)", "n": result["n_test"], "accuracy": result["accuracy"],
+        "coverage": result["coverage"], "acc_on_accepted": result["accuracy_on_accepted"],
+        "aurc": result["aurc"], "hF": result["hierarchical"]["hF"],
+    }]
+    for node, b in result["branches"].items():
+        at = b.get("at_calibrated", b["at_0.96"])
+        rows.append({
+            "model": f"branch {node}", "n": b["n_test"], "accuracy": b["overall_accuracy"],
+            "coverage": at["coverage"], "acc_on_accepted": at["accuracy_on_accepted"],
+            "aurc": b["aurc"], "hF": None,
+        })
+    return rows

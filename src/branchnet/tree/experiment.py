@@ -1,0 +1,293 @@
+"""A tree experiment from a YAML config: data, parent, branches, calibration, report.
+
+This is what ``branchnet tree fit CONFIG`` and ``branchnet demo`` run. The config is merged
+into :data:`DEFAULTS` (unknown keys are errors), written resolved into the run folder, and
+the run can be resumed after an interruption.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from branchnet import metrics, models
+from branchnet.data import Data, load
+from branchnet.data.batches import TensorPairs
+from branchnet.data.hierarchy import Hierarchy
+from branchnet.engine import TrainConfig, fit
+from branchnet.report import Report, plot_training_curves
+from branchnet.runs import Run
+from branchnet.tree.evaluate import evaluate, summary_rows
+from branchnet.tree.tree import BranchTree, TreeError
+
+DEFAULTS: dict[str, Any] = {
+    "name": "tree",
+    "seed": 0,
+    "data": {
+        "source": "digits", "classes": None, "normalize": None, "val_fraction": 0.1,
+        "test_fraction": 0.2, "max_per_class": None, "image_size": None, "label_set": "fine",
+        "cache_dir": None,
+    },
+    "hierarchy": None,
+    "parent": {
+        "model": {"kind": "mlp", "sizes": ["auto", 256, 128], "dropout": 0.0},
+        "tap": "hidden.1",
+        "labels": "fine",
+        "weights": None,
+        "train": {"epochs": 20, "batch_size": 64, "lr": 1e-3},
+    },
+    "tree": {
+        "router": "parent", "node_input": "parent", "branch_tap": "hidden.0", "policy": "hard",
+        "score": "msp", "backoff": False, "head": {"hidden": 256, "dropout": 0.5},
+        "head_train": {"epochs": 100, "batch_size": 64, "lr": 3e-4, "weight_decay": 0.01,
+                       "patience": 10},
+        "cache_dir": None, "cache_dtype": "float16",
+    },
+    "calibration": {"method": "risk", "target_risk": 0.05, "delta": 0.05, "coverage": None,
+                    "threshold": 0.96},
+    "baselines": False,
+    "progress": True,
+}
+
+_FREE_FORM = {"hierarchy", "model", "train", "head_train", "head", "classes"}
+
+
+def merge_config(base: dict[str, Any], override: dict[str, Any], where: str = "") -> dict[str, Any]:
+    """Deep-merge ``override`` into ``base``; unknown keys raise (with the valid ones listed)."""
+    out = copy.deepcopy(base)
+    for k, v in (override or {}).items():
+        if k not in base:
+            raise TreeError(f"unknown config key {where + k!r}; valid keys here: {sorted(base)}")
+        if isinstance(base[k], dict) and isinstance(v, dict) and k not in _FREE_FORM:
+            out[k] = merge_config(base[k], v, f"{where}{k}.")
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
+    """Read a YAML config, apply ``key.sub=value`` overrides, merge into the defaults."""
+    path = Path(path)
+    if not path.is_file():
+        raise TreeError(f"config file {path} does not exist")
+    try:
+        user = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise TreeError(f"config file {path} is not valid YAML: {e}") from e
+    for item in overrides or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise TreeError(f"override {item!r} must look like key.sub=value")
+        node = user
+        *parents, last = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = yaml.safe_load(value)
+    return merge_config(DEFAULTS, user)
+
+
+def resolve_source(source: str, config_dir: Path | None) -> str:
+    """A data source path relative to the working directory, else to the config file."""
+    if source in ("digits",) or Path(source).exists() or config_dir is None:
+        return source
+    alt = config_dir / source
+    return str(alt) if alt.exists() else source
+
+
+def load_data(cfg: dict[str, Any], config_dir: Path | None = None) -> Data:
+    d = cfg["data"]
+    return load(resolve_source(str(d["source"]), config_dir), classes=d["classes"],
+                val_fraction=d["val_fraction"], test_fraction=d["test_fraction"],
+                seed=cfg["seed"], normalize=d["normalize"], image_size=d["image_size"],
+                max_per_class=d["max_per_class"], label_set=d["label_set"],
+                cache_dir=d["cache_dir"], progress=cfg["progress"])
+
+
+def resolve_hierarchy(spec: Any, classes: list[str], config_dir: Path | None) -> Hierarchy:
+    if spec is None:
+        return Hierarchy.flat(classes)
+    if isinstance(spec, dict):
+        return Hierarchy.from_dict(spec).bind(classes)
+    if isinstance(spec, str) and spec in ("cifar10", "cifar100"):
+        full = Hierarchy.builtin(spec)
+        return _restrict(full, classes)
+    path = Path(spec)
+    if not path.exists() and config_dir is not None:
+        path = config_dir / spec
+    return Hierarchy.from_yaml(path).bind(classes)
+
+
+def _restrict(h: Hierarchy, classes: list[str]) -> Hierarchy:
+    """A built-in hierarchy cut down to the classes present (empty groups dropped)."""
+    def prune(node: str) -> list[Any]:
+        out: list[Any] = []
+        for kid in h.children(node):
+            if h.is_leaf(kid):
+                if kid in classes:
+                    out.append(kid)
+            else:
+                sub = prune(kid)
+                if sub:
+                    out.append({kid: sub})
+        return out
+    return Hierarchy.from_dict({"root": prune("root")}).bind(classes)
+
+
+def build_parent(cfg: dict[str, Any], data: Data, hier: Hierarchy) -> torch.nn.Module:
+    spec = dict(cfg["parent"]["model"])
+    n_out = len(data.classes) if cfg["parent"]["labels"] == "fine" else len(hier.children("root"))
+    spec["num_classes"] = n_out
+    if spec.get("kind") == "mlp":
+        sizes = list(spec["sizes"])
+        if sizes and sizes[0] == "auto":
+            sizes[0] = int(np.prod(data.input_shape))
+        spec["sizes"] = sizes
+    elif spec.get("kind") == "cnn":
+        spec.setdefault("in_channels", data.input_shape[0])
+        spec.setdefault("widths", [32, 64, 128])
+        spec.setdefault("hidden", 256)
+    parent = models.build(spec)
+    weights = cfg["parent"]["weights"]
+    if weights:
+        parent.load_state_dict(load_file(str(weights)))
+    return parent
+
+
+def make_tree(cfg: dict[str, Any], parent: torch.nn.Module, run: Run) -> BranchTree:
+    t, seed = cfg["tree"], cfg["seed"]
+    head_cfg = t["head"]
+
+    def head(n_in: int, n_out: int) -> torch.nn.Module:
+        return models.branch_head(n_in, n_out, hidden=head_cfg["hidden"],
+                                  dropout=head_cfg["dropout"])
+
+    return BranchTree(
+        parent, cfg["parent"]["tap"], router=t["router"], node_input=t["node_input"],
+        branch_tap=t["branch_tap"], head=head, policy=t["policy"], score=t["score"],
+        backoff=t["backoff"], train_parent=not cfg["parent"]["weights"],
+        parent_train={"seed": seed, **cfg["parent"]["train"]},
+        parent_labels=cfg["parent"]["labels"],
+        head_train={"seed": seed, **t["head_train"]},
+        workdir=run.work, cache_dir=t["cache_dir"], cache_dtype=t["cache_dtype"],
+        progress=cfg["progress"],
+    )
+
+
+def run_baselines(cfg: dict[str, Any], tree: BranchTree, data: Data, run: Run) -> dict[str, Any]:
+    """Per branch: an MLP of the branch's size on raw inputs, and the flat parent on the same
+    classes (its probabilities summed per child group), both on the branch's test inputs."""
+    lay = tree._require_fit()
+    out: dict[str, Any] = {}
+    head_cfg, seed = cfg["tree"]["head"], cfg["seed"]
+    train_cfg = TrainConfig.from_dict({"seed": seed, **cfg["tree"]["head_train"],
+                                       "progress": cfg["progress"]})
+    with torch.inference_mode():
+        parent_probs = torch.softmax(tree.parent(data.test.x), dim=1)
+    if cfg["parent"]["labels"] == "fine":
+        out["parent_flat_accuracy"] = metrics.accuracy(parent_probs.argmax(1), data.test.y)
+    for i, node in enumerate(lay.nodes):
+        if i == 0 or lay.n_children[i] < 2:
+            continue
+        part = {}
+        for name, split in data.splits().items():
+            slots = lay.slot_of_label(node, split.y)
+            rows = torch.nonzero(slots >= 0).flatten()
+            part[name] = (rows, split.x[rows], slots[rows])
+        torch.manual_seed(seed)
+        raw = models.mlp([int(np.prod(data.input_shape)), head_cfg["hidden"]], lay.n_children[i],
+                         dropout=head_cfg["dropout"])
+        fit(raw, TensorPairs(*part["train"][1:]), TensorPairs(*part["val"][1:]), train_cfg,
+            workdir=run.work / "baselines" / f"raw-{i:02d}", resume=True,
+            description=f"raw-input MLP for {node!r}")
+        rows_te, x_te, s_te = part["test"]
+        with torch.inference_mode():
+            raw_acc = metrics.accuracy(raw.eval()(x_te).argmax(1), s_te)
+        rec: dict[str, Any] = {"raw_mlp_accuracy": raw_acc,
+                               "raw_mlp_parameters": models.num_parameters(raw)}
+        if cfg["parent"]["labels"] == "fine":
+            # the parent's class probabilities summed per child of this node
+            groups = torch.zeros(len(lay.classes), lay.n_children[i])
+            slots_all = lay.slot_of_label(node, torch.arange(len(lay.classes)))
+            for c, slot in enumerate(slots_all.tolist()):
+                if slot >= 0:
+                    groups[c, slot] = 1.0
+            p_te = parent_probs[rows_te]
+            rec["parent_restricted_accuracy"] = metrics.accuracy((p_te @ groups).argmax(1), s_te)
+            rec["parent_flat_accuracy_on_these"] = metrics.accuracy(
+                p_te.argmax(1), data.test.y[rows_te])
+        out[node] = rec
+    return out
+
+
+def run_experiment(cfg: dict[str, Any], run: Run, *, resume: bool = False,
+                   config_dir: Path | None = None, quiet: bool = False) -> dict[str, Any]:
+    """Fit, calibrate, evaluate and report one tree experiment into ``run``."""
+    t0 = time.perf_counter()
+    say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
+    run.write_config(cfg)
+    data = load_data(cfg, config_dir)
+    say(f"data       {data.summary()}")
+    hier = resolve_hierarchy(cfg["hierarchy"], data.classes, config_dir)
+    say("hierarchy  " + hier.render().replace("\n", "\n           "))
+    parent = build_parent(cfg, data, hier)
+    tree = make_tree(cfg, parent, run)
+    tree.fit(data, hierarchy=hier, resume=resume)
+    c = cfg["calibration"]
+    calib = tree.calibrate(data.val, method=c["method"], target_risk=c["target_risk"],
+                           delta=c["delta"], coverage=c["coverage"], threshold=c["threshold"])
+    result, figures = evaluate(tree, data.test)
+    result["fit"] = tree.fit_summary
+    result["data"] = {"summary": data.summary(), "classes": data.classes}
+    if cfg["baselines"]:
+        say("baselines  raw-input MLPs of each branch's size, flat parent on the same classes")
+        result["baselines"] = run_baselines(cfg, tree, data, run)
+    tree.save(run.path / "tree")
+    histories = {"parent": run.work / "parent" / "metrics.csv"}
+    histories.update({f"branch {p.name[3:]}": p / "metrics.csv"
+                      for p in sorted((run.work / "nodes").glob("*")) if p.is_dir()})
+    figures["training"] = plot_training_curves(histories)
+    result["seconds"] = time.perf_counter() - t0
+    run.write_metrics(result)
+    for name, fig in figures.items():
+        run.save_figure(fig, name)
+    write_tree_report(run, cfg, result, hier, calib)
+    return result
+
+
+def write_tree_report(run: Run, cfg: dict[str, Any], result: dict[str, Any], hier: Hierarchy,
+                      calib: dict[str, Any]) -> Path:
+    rep = Report(f"branchnet tree: {cfg['name']}")
+    rep.add_text(result["data"]["summary"])
+    rep.add_heading("Summary (test split)")
+    rep.add_table(summary_rows(result))
+    rep.add_text(f"calibration: {calib}", muted=True)
+    rep.add_heading("Hierarchy")
+    rep.add_pre(hier.render())
+    rep.add_heading("Figures")
+    captions = {"training": "training curves (validation)", "risk_coverage": "risk-coverage curve",
+                "confusion": "confusion matrix", "branches": "branches on their own classes"}
+    for name, caption in captions.items():
+        p = run.figures / f"{name}.png"
+        if p.is_file():
+            rep.add_figure(p, caption)
+    rep.add_heading("Branches as Neural-Branching measured them (threshold 0.96)")
+    rep.add_table([{"branch": n, "n": b["n_test"], "overall_acc": b["overall_accuracy"],
+                    "accepted": b["at_0.96"]["accepted"], "coverage": b["at_0.96"]["coverage"],
+                    "acc_on_accepted": b["at_0.96"]["accuracy_on_accepted"], "aurc": b["aurc"]}
+                   for n, b in result["branches"].items()])
+    if "baselines" in result:
+        rep.add_heading("Baselines")
+        rep.add_table([{"branch": n, **v} for n, v in result["baselines"].items()
+                       if isinstance(v, dict)])
+    rep.add_heading("Per class")
+    rep.add_table(result["per_class"])
+    rep.add_heading("Configuration")
+    rep.add_pre(yaml.safe_dump(cfg, sort_keys=False))
+    return rep.write(run.path / "report.html")
