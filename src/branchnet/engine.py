@@ -206,6 +206,15 @@ class _SafeCheckpoint(ModelCheckpoint):
     FILE_EXTENSION = ".safetensors"
 
 
+class _LastCheckpoint(_SafeCheckpoint):
+    """``last.safetensors`` after every epoch (its own class: its own callback state key).
+
+    ``ModelCheckpoint(save_last=True)`` writes ``last`` only on epochs where it also wrote a
+    top-k checkpoint (Lightning >= 2.5): never without validation, and not on the epochs where
+    the validation loss got worse, so an interrupted run would lose those epochs.
+    """
+
+
 def _quiet_lightning() -> None:
     for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
         logging.getLogger(name).setLevel(logging.ERROR)
@@ -265,9 +274,12 @@ def fit(
     monitor = "val_loss" if val is not None else None
     checkpoint = _SafeCheckpoint(
         dirpath=ckpt_dir, filename="best-{epoch:03d}", monitor=monitor, mode="min",
-        save_last=True, save_top_k=1 if monitor else 0, enable_version_counter=False,
+        save_top_k=1 if monitor else 0, enable_version_counter=False,
     )
-    callbacks: list[L.Callback] = [checkpoint]
+    # after `checkpoint`, so that last.safetensors holds its updated best-model state
+    last_checkpoint = _LastCheckpoint(dirpath=ckpt_dir, filename="last", monitor=None,
+                                      save_top_k=1, enable_version_counter=False)
+    callbacks: list[L.Callback] = [checkpoint, last_checkpoint]
     if monitor and cfg.patience:
         callbacks.append(EarlyStopping(monitor=monitor, patience=cfg.patience, mode="min"))
     strategy: Any = "auto"

@@ -127,8 +127,14 @@ class Hierarchy:
     def from_yaml(cls, path_or_text: str | Path) -> Hierarchy:
         """Read a hierarchy from a YAML file (or YAML text) holding the nested dict."""
         p = Path(path_or_text)
+        is_file = isinstance(path_or_text, Path) or p.suffix in {".yaml", ".yml"}
+        if not is_file and "\n" not in str(path_or_text):
+            try:
+                is_file = p.exists()
+            except OSError:  # e.g. YAML text longer than a file name may be
+                is_file = False
         try:
-            text = p.read_text() if p.suffix in {".yaml", ".yml"} or p.exists() else str(path_or_text)
+            text = p.read_text() if is_file else str(path_or_text)
         except OSError as e:
             raise DataError(f"cannot read hierarchy file {p}: {e}") from e
         data = yaml.safe_load(text)

@@ -249,19 +249,24 @@ class BranchTree:
         self.sources, self.heads = [], {}
         for i, node in enumerate(layout.nodes):
             parent_node = layout.parent_of[i]
-            reads_branch = (self.node_input == "branch" and parent_node >= 0
-                            and parent_node in self.heads)
-            self.sources.append(parent_node if reads_branch else -1)
+            src = -1
+            if self.node_input == "branch" and parent_node in self.heads:
+                # the hidden layer of the head above; a constant head (single child) has none,
+                # so read what that head reads
+                above = self.heads[parent_node]
+                src = parent_node if above.layer else self.sources[parent_node]
+            self.sources.append(src)
             if i == 0 and root_from_parent:
                 continue
             head = self._make_head(node, self._input_dim(i, in_dim, train.x.device, acts),
                                    layout.n_children[i])
             has_inner_kids = any(int(c) >= 0 for c in layout.child_node[i])
-            tapped = Tapped(head, self.branch_tap if self.node_input == "branch"
-                            and has_inner_kids and not isinstance(head, ConstantHead) else None)
-            if tapped.layer and tapped.layer not in layer_names(head):
+            layer = (self.branch_tap if self.node_input == "branch" and has_inner_kids
+                     and not isinstance(head, ConstantHead) else None)
+            if layer and layer not in layer_names(head):
                 raise TreeError(f"branch_tap {self.branch_tap!r} is not a layer of the head of "
                                 f"{node!r}; its layers are {layer_names(head)}")
+            tapped = Tapped(head, layer)
             node_data = {}
             for name, split in (("train", train), ("val", val)):
                 slots = layout.slot_of_label(node, split.y)
