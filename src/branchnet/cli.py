@@ -7,6 +7,7 @@
     branchnet tree fit --resume RUN          continue an interrupted run where it stopped
     branchnet tree eval RUN [--split test]   re-evaluate a saved tree
     branchnet tree predict RUN INPUT         route images / arrays through a saved tree
+    branchnet tree compare RUN [RUN ...]     mean ± std of finished runs, as markdown
 """
 
 from __future__ import annotations
@@ -153,7 +154,8 @@ def read_inputs(path: Path, preprocessing: dict[str, Any]) -> tuple[Any, list[st
     if not files:
         raise DataError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found in {path}")
     size = preprocessing.get("image_size") or preprocessing.get("input_shape", [None] * 3)[1:]
-    mode = preprocessing.get("image_mode", "RGB")
+    # digits and uint8 arrays record no image mode: read files like apply_preprocessing does
+    mode = preprocessing.get("image_mode") or ("L" if preprocessing.get("channels") == 1 else "RGB")
     raw = read_image_files(files, size=tuple(size) if size and all(size) else None, mode=mode)
     return apply_preprocessing(raw, preprocessing), [str(f) for f in files]
 
@@ -161,7 +163,7 @@ def read_inputs(path: Path, preprocessing: dict[str, Any]) -> tuple[Any, list[st
 def cmd_tree_predict(args: argparse.Namespace) -> int:
     from branchnet.metrics import format_table
 
-    run, tree = _load_run_tree(args.run)
+    _, tree = _load_run_tree(args.run)
     x, names = read_inputs(Path(args.input), tree.preprocessing)
     pred = tree.predict(x)
     records = pred.to_records(k=args.top)
@@ -173,6 +175,13 @@ def cmd_tree_predict(args: argparse.Namespace) -> int:
                  "path": " > ".join(r["path"]), "confidence": r["confidence"], "why": r["why"]}
                 for n, r in zip(names, records, strict=True)]
         print(format_table(rows))
+    return 0
+
+
+def cmd_tree_compare(args: argparse.Namespace) -> int:
+    from branchnet.tree.experiment import compare_runs
+
+    print(compare_runs(args.runs))
     return 0
 
 
@@ -209,6 +218,10 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--top", type=int, default=1, help="also list the k most probable classes")
     pr.add_argument("--json", action="store_true", help="one JSON object per input")
     pr.set_defaults(func=cmd_tree_predict)
+
+    c = t.add_parser("compare", help="mean ± std of finished runs (e.g. seeds), as markdown")
+    c.add_argument("runs", nargs="+")
+    c.set_defaults(func=cmd_tree_compare)
     return p
 
 

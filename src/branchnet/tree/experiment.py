@@ -291,3 +291,54 @@ def write_tree_report(run: Run, cfg: dict[str, Any], result: dict[str, Any], hie
     rep.add_heading("Configuration")
     rep.add_pre(yaml.safe_dump(cfg, sort_keys=False))
     return rep.write(run.path / "report.html")
+
+
+def _mean_std(values: list[float | None]) -> str:
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return "–"
+    arr = np.asarray(vals, dtype=float)
+    return f"{arr.mean():.4f} ± {arr.std(ddof=1) if len(arr) > 1 else 0.0:.4f}"
+
+
+def compare_runs(run_dirs: list[str | Path]) -> str:
+    """A markdown summary (mean ± std over the runs, e.g. seeds) of finished tree runs."""
+    results = [Run.open(p).read_metrics() for p in run_dirs]
+    if not results:
+        raise TreeError("no runs given")
+    n = len(results)
+    lines = [f"{n} run(s): " + ", ".join(str(Path(p).name) for p in run_dirs), "",
+             "| end to end | mean ± std |", "|---|---|"]
+    for key, label in [("accuracy", "accuracy (routed class, all inputs)"),
+                       ("coverage", "coverage at the calibrated threshold"),
+                       ("accuracy_on_accepted", "accuracy on accepted"),
+                       ("aurc", "AURC"), ("eaurc", "E-AURC")]:
+        lines.append(f"| {label} | {_mean_std([r.get(key) for r in results])} |")
+    lines.append(f"| hierarchical F1 | {_mean_std([r['hierarchical']['hF'] for r in results])} |")
+    if all("baselines" in r for r in results):
+        lines.append("| flat parent accuracy (all classes) | "
+                     f"{_mean_std([r['baselines'].get('parent_flat_accuracy') for r in results])} |")
+    lines.append(f"| calibrated threshold | "
+                 f"{_mean_std([r['calibration'].get('threshold') for r in results])} |")
+    branches = list(results[0]["branches"])
+    rows = [("overall accuracy", lambda b, r, n: b["overall_accuracy"]),
+            ("accepted at 0.96 (fraction)", lambda b, r, n: b["at_0.96"]["coverage"]),
+            ("accuracy on accepted at 0.96", lambda b, r, n: b["at_0.96"]["accuracy_on_accepted"]),
+            ("accepted at calibrated threshold", lambda b, r, n: b.get("at_calibrated", {})
+             .get("coverage")),
+            ("accuracy on accepted, calibrated", lambda b, r, n: b.get("at_calibrated", {})
+             .get("accuracy_on_accepted")),
+            ("AURC", lambda b, r, n: b["aurc"]),
+            ("MLP of the branch's size on raw pixels", lambda b, r, n: r.get("baselines", {})
+             .get(n, {}).get("raw_mlp_accuracy")),
+            ("flat parent, restricted to these classes", lambda b, r, n: r.get("baselines", {})
+             .get(n, {}).get("parent_restricted_accuracy")),
+            ("flat parent, all classes, on these inputs", lambda b, r, n: r.get("baselines", {})
+             .get(n, {}).get("parent_flat_accuracy_on_these"))]
+    lines += ["", "| per branch (its own test inputs) | " + " | ".join(branches) + " |",
+              "|---|" + "---|" * len(branches)]
+    for label, get in rows:
+        cells = [_mean_std([get(r["branches"][b], r, b) if b in r["branches"] else None
+                            for r in results]) for b in branches]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

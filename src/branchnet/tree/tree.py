@@ -36,6 +36,7 @@ from branchnet.checkpoint import CheckpointError, load_weights, save_weights
 from branchnet.data.batches import TensorPairs
 from branchnet.data.dataset import Data, Split
 from branchnet.data.hierarchy import Hierarchy
+from branchnet.data.imagefolder import default_cache_dir
 from branchnet.engine import TrainConfig, fit
 from branchnet.selective import coverage_threshold, sgr_threshold
 from branchnet.taps import layer_names
@@ -118,7 +119,9 @@ class BranchTree:
         parent_train / head_train: :class:`~branchnet.engine.TrainConfig` or dict.
         parent_labels: train the parent on ``"fine"`` classes or ``"coarse"`` root groups.
         workdir: folder for checkpoints (needed for ``fit(..., resume=True)``); default a
-            temporary folder. cache_dir: activation cache (default ``workdir/cache``).
+            temporary folder. cache_dir: activation cache (default ``workdir/cache`` for a
+            parent trained here, ``$BRANCHNET_CACHE_DIR/activations`` for a pretrained one, so
+            every run on the same parent, layer and data reuses it).
     """
 
     def __init__(
@@ -234,7 +237,11 @@ class BranchTree:
         self.parent.eval().requires_grad_(False)
 
         # 2. the activation cache (frozen parent, eval mode, no grad)
-        cache = ActivationCache(self.cache_dir or workdir / "cache",
+        # a pretrained parent's activations are shared by every run that uses it; a parent
+        # trained here is unique to this run, so its activations stay in the run's folder
+        default_cache = default_cache_dir() / "activations" if not self.train_parent else (
+            workdir / "cache")
+        cache = ActivationCache(self.cache_dir or default_cache,
                                 dtype=getattr(torch, self.cache_dtype))
         acts = {
             name: cache.get(self.parent, self.tap, split, preprocessing=self.preprocessing,
