@@ -80,7 +80,8 @@ class Prediction:
     def explain(self, i: int) -> str:
         s = int(self.stop_level[i])
         if s < 0:
-            return f"accepted: {self.classes[int(self.leaf[i])]} (confidence {self.confidence[i]:.3f})"
+            conf = float(torch.nan_to_num(self.path_conf[i], nan=float("inf")).min())  # one row
+            return f"accepted: {self.classes[int(self.leaf[i])]} (confidence {conf:.3f})"
         node = int(self.path_nodes[i, s])
         return (
             f"abstained at {self.nodes[node]!r}: confidence {float(self.path_conf[i, s]):.3f} "
@@ -95,6 +96,7 @@ class Prediction:
         """One JSON-able dict per input (what ``branchnet tree predict`` prints)."""
         out = []
         probs, idx = self.topk(k)
+        confidence, abstained = self.confidence.tolist(), self.abstained.tolist()  # once, not per row
         for i in range(len(self)):
             levels = [
                 {"node": self.nodes[int(n)], "confidence": round(float(c), 6)}
@@ -106,8 +108,8 @@ class Prediction:
                 "prediction": self.node(i),
                 "path": self.path(i),
                 "levels": levels,
-                "confidence": round(float(self.confidence[i]), 6),
-                "abstained": bool(self.abstained[i]),
+                "confidence": round(confidence[i], 6),
+                "abstained": bool(abstained[i]),
                 "why": self.explain(i),
             }
             if k > 1:
