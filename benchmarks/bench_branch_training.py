@@ -75,7 +75,7 @@ def timed_fit(model: nn.Module, ds, cfg: TrainConfig) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[32, 64, 128, 256])
     ap.add_argument("--epochs", type=int, nargs=2, default=(1, 4), metavar=("E1", "E2"))
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
@@ -91,26 +91,29 @@ def main() -> None:
     cached_ds = _Rows(acts, torch.arange(len(split)), split.y)
     raw_ds = TensorPairs(split.x, split.y)
 
-    def per_epoch(make_model, ds) -> float:
+    def per_epoch(make_model, ds, batch_size: int) -> float:
         e1, e2 = args.epochs
+        cfg = dict(batch_size=batch_size, lr=3e-4, weight_decay=0.01, progress=False)
         times = []
         for _ in range(args.repeats):
-            cfg = dict(batch_size=args.batch_size, lr=3e-4, weight_decay=0.01, progress=False)
             t1 = timed_fit(make_model(), ds, TrainConfig(epochs=e1, **cfg))
             t2 = timed_fit(make_model(), ds, TrainConfig(epochs=e2, **cfg))
             times.append((t2 - t1) / (e2 - e1))
         return statistics.median(times)
 
-    cached = per_epoch(lambda: models.branch_head(512, 3), cached_ds)
-    rerun = per_epoch(lambda: FrozenParentThenHead(parent, tap, models.branch_head(512, 3)), raw_ds)
-    print(f"data: {what}; batch {args.batch_size}; torch threads {torch.get_num_threads()}")
+    print(f"data: {what}; torch threads {torch.get_num_threads()}; median of {args.repeats}")
     print()
-    print("| way | seconds per epoch | ratio |")
-    print("|---|---|---|")
-    print(f"| branch on cached activations (float16 memory map) | {cached:.3f} | 1.0 |")
-    print(f"| frozen parent re-run every batch | {rerun:.3f} | {rerun / cached:.1f}x |")
+    print("| batch | cached activations (s/epoch) | parent re-run every batch (s/epoch) | speed-up |")
+    print("|---|---|---|---|")
+    cached_32 = None
+    for bs in args.batch_sizes:
+        cached = per_epoch(lambda: models.branch_head(512, 3), cached_ds, bs)
+        rerun = per_epoch(lambda: FrozenParentThenHead(parent, tap, models.branch_head(512, 3)),
+                          raw_ds, bs)
+        cached_32 = cached_32 or cached
+        print(f"| {bs} | {cached:.3f} | {rerun:.3f} | {rerun / cached:.1f}x |", flush=True)
     print(f"\none-time cache fill ({len(split)} x 512, float16): {fill:.2f} s "
-          f"(= {fill / cached:.1f} cached epochs)")
+          f"(= {fill / cached_32:.1f} cached epochs at batch {args.batch_sizes[0]})")
 
 
 if __name__ == "__main__":

@@ -101,6 +101,26 @@ def resolve_source(source: str, config_dir: Path | None) -> str:
     return str(alt) if alt.exists() else source
 
 
+def resolve_paths(cfg: dict[str, Any], config_dir: Path | None) -> dict[str, Any]:
+    """The config with its file paths (data source, hierarchy file, parent weights) made
+    absolute, found relative to the working directory or else to the config file, so that the
+    run folder's config.yaml works from any directory (``tree eval``, ``tree fit --resume``)."""
+    cfg = copy.deepcopy(cfg)
+
+    def absolute(value: Any) -> Any:
+        if not isinstance(value, str) or value in ("digits", "cifar10", "cifar100"):
+            return value
+        path = Path(value).expanduser()
+        if not path.exists() and config_dir is not None and (config_dir / path).exists():
+            path = config_dir / path
+        return str(path.resolve()) if path.exists() else value
+
+    cfg["data"]["source"] = absolute(cfg["data"]["source"])
+    cfg["hierarchy"] = absolute(cfg["hierarchy"])
+    cfg["parent"]["weights"] = absolute(cfg["parent"]["weights"])
+    return cfg
+
+
 def load_data(cfg: dict[str, Any], config_dir: Path | None = None) -> Data:
     d = cfg["data"]
     return load(resolve_source(str(d["source"]), config_dir), classes=d["classes"],
@@ -231,6 +251,7 @@ def run_experiment(cfg: dict[str, Any], run: Run, *, resume: bool = False,
     """Fit, calibrate, evaluate and report one tree experiment into ``run``."""
     t0 = time.perf_counter()
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
+    cfg = resolve_paths(cfg, config_dir)
     run.write_config(cfg)
     data = load_data(cfg, config_dir)
     say(f"data       {data.summary()}")

@@ -557,7 +557,7 @@ class BranchTree:
         tree.parent.eval().requires_grad_(False)
         tree.preprocessing = meta["preprocessing"]
         tree.input_shape = tuple(meta["input_shape"]) or None
-        tree.calibration = meta["calibration"]
+        tree.calibration = _from_jsonable(meta["calibration"])
         tree.fit_summary = meta["fit_summary"]
         tree._build_router()
         return tree
@@ -619,6 +619,17 @@ def _load_prefixed(module: nn.Module, weights: dict[str, torch.Tensor], prefix: 
         module.load_state_dict(state)
     except RuntimeError as e:
         raise CheckpointError(f"the saved weights do not fit the {what}: {e}") from e
+
+
+def _from_jsonable(obj: Any) -> Any:
+    """Inverse of :func:`_jsonable` for infinities (thresholds of -inf / +inf)."""
+    if isinstance(obj, dict):
+        return {k: _from_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_from_jsonable(v) for v in obj]
+    if isinstance(obj, float) and abs(obj) >= 1e308:
+        return math.copysign(math.inf, obj)
+    return obj
 
 
 def _jsonable(obj: Any) -> Any:
