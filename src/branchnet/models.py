@@ -137,8 +137,10 @@ def build(spec: dict[str, Any]) -> nn.Module:
 
 def spec_of(model: nn.Module) -> dict[str, Any] | None:
     """The model's spec if branchnet can rebuild it, else None."""
-    spec = getattr(model, "spec", None)
-    return dict(spec) if isinstance(spec, dict) and spec.get("kind") in _BUILDERS else None
+    # exact classes only: a subclass may change forward() and would be rebuilt wrongly
+    if type(model) not in (MLP, SmallCNN):
+        return None
+    return dict(model.spec)
 
 
 def num_parameters(model: nn.Module) -> int:

@@ -22,6 +22,7 @@ from matplotlib.figure import Figure
 from branchnet import metrics, selective
 from branchnet.data.dataset import Split
 from branchnet.tree.prediction import Prediction
+from branchnet.tree.router import local_score
 from branchnet.tree.tree import BranchTree
 
 ORIGINAL_THRESHOLD = selective.ORIGINAL_THRESHOLD
@@ -44,7 +45,7 @@ def branch_metrics(tree: BranchTree, test: Split) -> dict[str, dict[str, Any]]:
         if len(rows) == 0 or lay.n_children[i] < 2:
             continue
         probs = tree.node_proba(node, test.x[rows])
-        conf = probs.max(dim=1).values
+        conf = probs.max(dim=1).values  # the original's rule reads the max softmax
         correct = probs.argmax(dim=1) == slots[rows]
         rec: dict[str, Any] = {
             "children": lay.hierarchy.children(node), "n_test": len(rows),
@@ -54,8 +55,11 @@ def branch_metrics(tree: BranchTree, test: Split) -> dict[str, dict[str, Any]]:
             "mean_conf_correct": float(conf[correct].mean()) if correct.any() else None,
             "mean_conf_wrong": float(conf[~correct].mean()) if (~correct).any() else None,
         }
-        if calibrated[i] > float("-inf"):
-            rec["at_calibrated"] = _accept_stats(conf, correct, calibrated[i])
+        # the tree's threshold applies to each node's local score under greedy routing only
+        # (soft routing thresholds the path probability)
+        if calibrated[i] > float("-inf") and tree.policy in ("hard", "threshold"):
+            rec["at_calibrated"] = _accept_stats(local_score(probs, tree.score_kind), correct,
+                                                 calibrated[i])
         out[node] = rec
     return out
 
@@ -95,8 +99,7 @@ def evaluate(tree: BranchTree, test: Split) -> tuple[dict[str, Any], dict[str, F
                                              threshold=tree.calibration.get("threshold")),
     }
     if tree.backoff:
-        result["backed_off"] = int(sum(1 for i in range(len(pred))
-                                       if pred.abstained[i] and pred.node(i) is not None))
+        result["backed_off"] = int((pred.stop_level > 0).sum())
     figures = {
         "risk_coverage": selective.plot_risk_coverage({"tree": (conf, correct)}),
         "confusion": metrics.plot_confusion(metrics.confusion_matrix(pred.leaf, y, len(lay.classes)),

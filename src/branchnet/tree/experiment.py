@@ -18,14 +18,15 @@ import yaml
 from safetensors.torch import load_file
 
 from branchnet import metrics, models
-from branchnet.data import Data, load
+from branchnet.data import Data, Split, load
 from branchnet.data.batches import TensorPairs
 from branchnet.data.hierarchy import Hierarchy
+from branchnet.data.prepare import stratified_split
 from branchnet.engine import TrainConfig, fit
 from branchnet.report import Report, plot_training_curves
 from branchnet.runs import Run
 from branchnet.tree.evaluate import evaluate, summary_rows
-from branchnet.tree.tree import BranchTree, TreeError
+from branchnet.tree.tree import HEAD_TRAIN_DEFAULTS, BranchTree, TreeError
 
 DEFAULTS: dict[str, Any] = {
     "name": "tree",
@@ -41,22 +42,22 @@ DEFAULTS: dict[str, Any] = {
         "tap": "hidden.1",
         "labels": "fine",
         "weights": None,
-        "train": {"epochs": 20, "batch_size": 64, "lr": 1e-3},
+        "train": {**TrainConfig().to_dict(), "epochs": 20},
     },
     "tree": {
         "router": "parent", "node_input": "parent", "branch_tap": "hidden.0", "policy": "hard",
         "score": "msp", "backoff": False, "head": {"hidden": 256, "dropout": 0.5},
-        "head_train": {"epochs": 100, "batch_size": 64, "lr": 3e-4, "weight_decay": 0.01,
-                       "patience": 10},
+        "head_train": {**TrainConfig().to_dict(), **HEAD_TRAIN_DEFAULTS},
         "cache_dir": None, "cache_dtype": "float16",
     },
     "calibration": {"method": "risk", "target_risk": 0.05, "delta": 0.05, "coverage": None,
-                    "threshold": 0.96},
+                    "threshold": 0.96, "fraction": 0.5},
     "baselines": False,
     "progress": True,
 }
 
-_FREE_FORM = {"hierarchy", "model", "train", "head_train", "head", "classes"}
+# values that are whole user-defined structures, not sections with fixed keys
+_FREE_FORM = {"hierarchy", "model", "classes"}
 
 
 def merge_config(base: dict[str, Any], override: dict[str, Any], where: str = "") -> dict[str, Any]:
@@ -162,6 +163,8 @@ def _restrict(h: Hierarchy, classes: list[str]) -> Hierarchy:
 
 def build_parent(cfg: dict[str, Any], data: Data, hier: Hierarchy) -> torch.nn.Module:
     spec = dict(cfg["parent"]["model"])
+    if spec.get("kind") not in ("mlp", "cnn"):
+        raise TreeError(f"parent.model.kind must be 'mlp' or 'cnn', got {spec.get('kind')!r}")
     n_out = len(data.classes) if cfg["parent"]["labels"] == "fine" else len(hier.children("root"))
     spec["num_classes"] = n_out
     if spec.get("kind") == "mlp":
@@ -173,7 +176,9 @@ def build_parent(cfg: dict[str, Any], data: Data, hier: Hierarchy) -> torch.nn.M
         spec.setdefault("in_channels", data.input_shape[0])
         spec.setdefault("widths", [32, 64, 128])
         spec.setdefault("hidden", 256)
-    parent = models.build(spec)
+    with torch.random.fork_rng():
+        torch.manual_seed(cfg["seed"])
+        parent = models.build(spec)
     weights = cfg["parent"]["weights"]
     if weights:
         parent.load_state_dict(load_file(str(weights)))
@@ -192,21 +197,33 @@ def make_tree(cfg: dict[str, Any], parent: torch.nn.Module, run: Run) -> BranchT
         parent, cfg["parent"]["tap"], router=t["router"], node_input=t["node_input"],
         branch_tap=t["branch_tap"], head=head, policy=t["policy"], score=t["score"],
         backoff=t["backoff"], train_parent=not cfg["parent"]["weights"],
-        parent_train={"seed": seed, **cfg["parent"]["train"]},
+        parent_train={**cfg["parent"]["train"], "seed": seed, "progress": cfg["progress"]},
         parent_labels=cfg["parent"]["labels"],
-        head_train={"seed": seed, **t["head_train"]},
+        head_train={**t["head_train"], "seed": seed, "progress": cfg["progress"]},
         workdir=run.work, cache_dir=t["cache_dir"], cache_dtype=t["cache_dtype"],
         progress=cfg["progress"],
     )
 
 
-def run_baselines(cfg: dict[str, Any], tree: BranchTree, data: Data, run: Run) -> dict[str, Any]:
+def split_validation(data: Data, cfg: dict[str, Any]) -> tuple[Split, Split]:
+    """Split the validation set: one part selects models (early stopping), the other,
+    ``calibration.fraction`` of it, is used only to calibrate thresholds, so the guarantee's
+    assumption (calibration data independent of the fitted model) holds."""
+    frac = cfg["calibration"]["fraction"]
+    if not 0 < frac < 1:
+        raise TreeError(f"calibration.fraction must be in (0, 1), got {frac}")
+    keep, held = stratified_split(data.val.y.numpy(), frac, cfg["seed"])
+    return data.val.subset(torch.from_numpy(keep)), data.val.subset(torch.from_numpy(held))
+
+
+def run_baselines(cfg: dict[str, Any], tree: BranchTree, data: Data, select: Split,
+                  run: Run) -> dict[str, Any]:
     """Per branch: an MLP of the branch's size on raw inputs, and the flat parent on the same
     classes (its probabilities summed per child group), both on the branch's test inputs."""
     lay = tree._require_fit()
     out: dict[str, Any] = {}
     head_cfg, seed = cfg["tree"]["head"], cfg["seed"]
-    train_cfg = TrainConfig.from_dict({"seed": seed, **cfg["tree"]["head_train"],
+    train_cfg = TrainConfig.from_dict({**cfg["tree"]["head_train"], "seed": seed,
                                        "progress": cfg["progress"]})
     with torch.inference_mode():
         parent_probs = torch.softmax(tree.parent(data.test.x), dim=1)
@@ -216,7 +233,7 @@ def run_baselines(cfg: dict[str, Any], tree: BranchTree, data: Data, run: Run) -
         if i == 0 or lay.n_children[i] < 2:
             continue
         part = {}
-        for name, split in data.splits().items():
+        for name, split in (("train", data.train), ("val", select), ("test", data.test)):
             slots = lay.slot_of_label(node, split.y)
             rows = torch.nonzero(slots >= 0).flatten()
             part[name] = (rows, split.x[rows], slots[rows])
@@ -259,16 +276,19 @@ def run_experiment(cfg: dict[str, Any], run: Run, *, resume: bool = False,
     say("hierarchy  " + hier.render().replace("\n", "\n           "))
     parent = build_parent(cfg, data, hier)
     tree = make_tree(cfg, parent, run)
-    tree.fit(data, hierarchy=hier, resume=resume)
+    select, calibration = split_validation(data, cfg)
+    say(f"validation {len(select)} inputs for early stopping, {len(calibration)} held out for "
+        "calibration only")
+    tree.fit(data, select, hierarchy=hier, resume=resume)
     c = cfg["calibration"]
-    calib = tree.calibrate(data.val, method=c["method"], target_risk=c["target_risk"],
+    calib = tree.calibrate(calibration, method=c["method"], target_risk=c["target_risk"],
                            delta=c["delta"], coverage=c["coverage"], threshold=c["threshold"])
     result, figures = evaluate(tree, data.test)
     result["fit"] = tree.fit_summary
     result["data"] = {"summary": data.summary(), "classes": data.classes}
     if cfg["baselines"]:
         say("baselines  raw-input MLPs of each branch's size, flat parent on the same classes")
-        result["baselines"] = run_baselines(cfg, tree, data, run)
+        result["baselines"] = run_baselines(cfg, tree, data, select, run)
     tree.save(run.path / "tree")
     histories = {"parent": run.work / "parent" / "metrics.csv"}
     histories.update({f"branch {p.name[3:]}": p / "metrics.csv"

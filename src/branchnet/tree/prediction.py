@@ -54,7 +54,9 @@ class Prediction:
     @property
     def confidence(self) -> torch.Tensor:
         """End-to-end confidence: the smallest confidence along the path."""
-        return torch.nan_to_num(self.path_conf, nan=float("inf")).min(dim=1).values
+        padded = self.path_nodes < 0  # NaN there is padding; NaN on the path stays NaN
+        return torch.where(padded, torch.full_like(self.path_conf, float("inf")),
+                           self.path_conf).min(dim=1).values
 
     @property
     def coverage(self) -> float:
@@ -83,10 +85,11 @@ class Prediction:
             conf = float(torch.nan_to_num(self.path_conf[i], nan=float("inf")).min())  # one row
             return f"accepted: {self.classes[int(self.leaf[i])]} (confidence {conf:.3f})"
         node = int(self.path_nodes[i, s])
-        return (
-            f"abstained at {self.nodes[node]!r}: confidence {float(self.path_conf[i, s]):.3f} "
-            f"< threshold {self.thresholds[node]:.3f}"
-        )
+        why = (f"confidence {float(self.path_conf[i, s]):.3f} < threshold "
+               f"{self.thresholds[node]:.3f}")
+        if self.backoff and s > 0:
+            return f"backed off to group {self.nodes[node]!r}: choosing inside it, {why}"
+        return f"abstained at {self.nodes[node]!r}: {why}"
 
     def topk(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The ``k`` most probable classes by path probability: (probabilities, indices)."""

@@ -32,29 +32,30 @@ SCORES = ("msp", "margin", "entropy")
 class Tapped(nn.Module):
     """Runs ``module`` and also returns the output of its sub-layer ``layer``, flattened.
 
-    The hook keeps a reference to the output; nothing in-place runs between the hook and its use
-    here except inside ``module`` itself, so the stored value is cloned.
+    The hook lives only for the duration of one forward pass, so modules shared between
+    several trees never accumulate hooks or stored activations.
     """
 
     def __init__(self, module: nn.Module, layer: str | None):
         super().__init__()
         self.module = module
         self.layer = layer
-        self._store: list[torch.Tensor] = []
-        if layer:
-            dict(module.named_modules())[layer].register_forward_hook(self._hook)
-
-    def _hook(self, mod: nn.Module, inp: object, out: torch.Tensor) -> None:
-        if isinstance(out, (tuple, list)):
-            out = out[0]
-        self._store.append(out.clone())
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        self._store.clear()
-        out = self.module(x)
-        feats = self._store.pop() if self.layer else out
-        self._store.clear()
-        return out, feats.flatten(1)
+        if not self.layer:
+            out = self.module(x)
+            return out, out.flatten(1)
+        store: list[torch.Tensor] = []
+
+        def hook(mod: nn.Module, inp: object, output: object) -> None:
+            store.append((output[0] if isinstance(output, (tuple, list)) else output).clone())
+
+        handle = self.module.get_submodule(self.layer).register_forward_hook(hook)
+        try:
+            out = self.module(x)
+        finally:
+            handle.remove()
+        return out, store[-1].flatten(1)
 
 
 def local_score(p: torch.Tensor, kind: str) -> torch.Tensor:
@@ -93,7 +94,6 @@ class TreeRouter(nn.Module):
         self.policy = policy
         self.score = score
         self.n_nodes = len(layout.nodes)
-        self.n_children = list(layout.n_children)
         self.max_children = layout.max_children
         self.depth = layout.depth
         self.register_buffer("child_node", layout.child_node.clone())
@@ -154,7 +154,8 @@ class TreeRouter(nn.Module):
             valid = path_nodes >= 0
             path_conf = torch.stack(confs, dim=1)
         path_conf = torch.where(valid, path_conf, torch.full_like(path_conf, float("nan")))
-        below = valid & (path_conf < self.thresholds[path_nodes.clamp_min(0)])
+        # "not >=" so that a NaN confidence (garbage input) abstains instead of passing
+        below = valid & ~(path_conf >= self.thresholds[path_nodes.clamp_min(0)])
         stop_level = torch.where(below.any(dim=1), below.int().argmax(dim=1),
                                  torch.full_like(leaf, -1))
         return leaf, path_nodes, path_conf, stop_level, leaf_probs

@@ -37,6 +37,7 @@ from branchnet.data.batches import TensorPairs
 from branchnet.data.dataset import Data, Split
 from branchnet.data.hierarchy import Hierarchy
 from branchnet.data.imagefolder import default_cache_dir
+from branchnet.data.prepare import stratified_split
 from branchnet.engine import TrainConfig, fit
 from branchnet.selective import coverage_threshold, sgr_threshold
 from branchnet.taps import layer_names
@@ -152,6 +153,9 @@ class BranchTree:
         _check_choice("score", score, SCORES)
         _check_choice("parent_labels", parent_labels, ("fine", "coarse"))
         _check_choice("cache_dtype", cache_dtype, ("float16", "float32"))
+        if policy in ("soft", "topk") and score != "msp":
+            raise TreeError(f"score={score!r} applies to hard and threshold routing; the {policy} "
+                            "policy's confidence is the path probability (use score='msp')")
         if not isinstance(parent, nn.Module):
             raise TreeError(f"parent must be an nn.Module, got {type(parent).__name__}")
         names = layer_names(parent)
@@ -170,7 +174,7 @@ class BranchTree:
         self.train_parent = train_parent
         self.parent_train = _train_config(parent_train, progress)
         self.parent_labels = parent_labels
-        self.head_train = _train_config(head_train, progress, default=_HEAD_DEFAULTS)
+        self.head_train = _train_config(head_train, progress, default=HEAD_TRAIN_DEFAULTS)
         self.workdir = Path(workdir) if workdir else None
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.cache_dtype = cache_dtype
@@ -210,12 +214,15 @@ class BranchTree:
         hier = hier or Hierarchy.flat(classes)
         layout = TreeLayout(hier, classes)
         layout.hierarchy.check_labels(train.y.tolist(), classes)
-        if val is None:
-            gen = torch.Generator().manual_seed(self.head_train.seed)
-            perm = torch.randperm(len(train), generator=gen)
-            n_val = max(1, len(train) // 10)
-            val, train = train.subset(perm[:n_val]), train.subset(perm[n_val:])
+        if val is None:  # a stratified tenth of the training split, for early stopping
+            keep, held = stratified_split(train.y.numpy(), 0.1, self.head_train.seed)
+            val, train = train.subset(torch.from_numpy(held)), train.subset(torch.from_numpy(keep))
         layout.hierarchy.check_labels(val.y.tolist(), classes)
+        for i, node in enumerate(layout.nodes):
+            for name, split in (("training", train), ("validation", val)):
+                if layout.n_children[i] > 1 and not (layout.slot_of_label(node, split.y) >= 0).any():
+                    raise TreeError(f"node {node!r} has no {name} examples (classes "
+                                    f"{layout.hierarchy.leaves_under(node)}); every node needs both")
         self.layout, self.hierarchy = layout, layout.hierarchy
         self.preprocessing = dict(preprocessing or {})
         self.input_shape = tuple(train.x.shape[1:])
@@ -228,6 +235,7 @@ class BranchTree:
         if self.train_parent or self.router_kind == "parent":
             self._check_parent_output(train.x[:2], n_parent_out)
         if self.train_parent:
+            self.parent.train().requires_grad_(True)
             targets = train.y if self.parent_labels == "fine" else layout.leaf_slots[train.y, 0]
             vtargets = val.y if self.parent_labels == "fine" else layout.leaf_slots[val.y, 0]
             res = fit(self.parent, TensorPairs(train.x, targets), TensorPairs(val.x, vtargets),
@@ -265,8 +273,7 @@ class BranchTree:
             self.sources.append(src)
             if i == 0 and root_from_parent:
                 continue
-            head = self._make_head(node, self._input_dim(i, in_dim, train.x.device, acts),
-                                   layout.n_children[i])
+            head = self._make_head(node, self._input_dim(i, in_dim, acts), layout.n_children[i])
             has_inner_kids = any(int(c) >= 0 for c in layout.child_node[i])
             layer = (self.branch_tap if self.node_input == "branch" and has_inner_kids
                      and not isinstance(head, ConstantHead) else None)
@@ -274,16 +281,14 @@ class BranchTree:
                 raise TreeError(f"branch_tap {self.branch_tap!r} is not a layer of the head of "
                                 f"{node!r}; its layers are {layer_names(head)}")
             tapped = Tapped(head, layer)
-            node_data = {}
-            for name, split in (("train", train), ("val", val)):
-                slots = layout.slot_of_label(node, split.y)
-                rows = torch.nonzero(slots >= 0).flatten()
-                if name == "train" and len(rows) == 0:
-                    raise TreeError(f"node {node!r} has no training examples")
-                node_data[name] = self._node_dataset(i, acts[name], rows, slots[rows])
             if isinstance(head, ConstantHead):
-                summary["nodes"][node] = {"n_train": len(node_data["train"]), "constant": True}
+                summary["nodes"][node] = {"constant": True}
             else:
+                node_data = {}
+                for name, split in (("train", train), ("val", val)):
+                    slots = layout.slot_of_label(node, split.y)
+                    rows = torch.nonzero(slots >= 0).flatten()
+                    node_data[name] = self._node_dataset(i, acts[name], rows, slots[rows])
                 res = fit(head, node_data["train"], node_data["val"], self.head_train,
                           workdir=workdir / "nodes" / f"{i:02d}-{_safe(node)}", resume=resume,
                           description=f"branch {node!r} ({layout.n_children[i]} children)")
@@ -317,7 +322,10 @@ class BranchTree:
         if n_out == 1:
             return ConstantHead()
         factory = self.head.get(node) if isinstance(self.head, dict) else self.head
-        head = factory(n_in, n_out) if factory else models.branch_head(n_in, n_out)
+        # initial weights from (seed, node) alone: a resumed fit builds the same heads
+        with torch.random.fork_rng():
+            torch.manual_seed(self.head_train.seed * 1000 + self._require_fit().node_index[node])
+            head = factory(n_in, n_out) if factory else models.branch_head(n_in, n_out)
         if not isinstance(head, nn.Module):
             raise TreeError(f"the head factory for {node!r} returned {type(head).__name__}, "
                             "not an nn.Module")
@@ -331,8 +339,7 @@ class BranchTree:
                             f"expected ({n_out},) for its {n_out} children")
         return head.train()
 
-    def _input_dim(self, i: int, tap_dim: int, device: torch.device,
-                   acts: dict[str, CachedActivations]) -> int:
+    def _input_dim(self, i: int, tap_dim: int, acts: dict[str, CachedActivations]) -> int:
         src = self.sources[i]
         if src < 0:
             return tap_dim
@@ -587,7 +594,7 @@ class BranchTree:
                 f"policy={self.policy!r}, {state})")
 
 
-_HEAD_DEFAULTS = {"epochs": 100, "batch_size": 64, "lr": 3e-4, "weight_decay": 0.01,
+HEAD_TRAIN_DEFAULTS = {"epochs": 100, "batch_size": 64, "lr": 3e-4, "weight_decay": 0.01,
                   "patience": 10}
 
 
