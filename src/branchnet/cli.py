@@ -13,10 +13,10 @@
 from __future__ import annotations
 
 import argparse
-import warnings
 import json
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
