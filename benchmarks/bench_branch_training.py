@@ -28,7 +28,6 @@ from branchnet.cache import ActivationCache
 from branchnet.data.batches import TensorPairs
 from branchnet.data.dataset import Split
 from branchnet.engine import TrainConfig, fit
-from branchnet.tree.tree import _Rows
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "cifar10-jpg.tar.gz"
 CLASSES = ["airplane", "automobile", "ship", "bird", "cat", "dog"]
@@ -88,7 +87,7 @@ def main() -> None:
     acts = ActivationCache(tempfile.mkdtemp(prefix="bench-cache-")).get(
         parent, tap, split, progress=False)
     fill = time.perf_counter() - t
-    cached_ds = _Rows(acts, torch.arange(len(split)), split.y)
+    cached_ds = acts.dataset(split.y, flatten=True)
     raw_ds = TensorPairs(split.x, split.y)
 
     def per_epoch(make_model, ds, batch_size: int) -> float:

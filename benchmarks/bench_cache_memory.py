@@ -48,7 +48,6 @@ def measure(root: str) -> None:
     from branchnet.cache import ActivationCache
     from branchnet.data.batches import TensorPairs
     from branchnet.engine import TrainConfig, fit
-    from branchnet.tree.tree import _Rows
 
     cfg = TrainConfig(epochs=2, batch_size=64, progress=False)
     y = torch.randint(0, 3, (ROWS,))
@@ -68,7 +67,7 @@ def measure(root: str) -> None:
     th = threading.Thread(target=sample, daemon=True)
     th.start()
     t = time.perf_counter()
-    fit(models.branch_head(WIDTH, 3), _Rows(acts, torch.arange(ROWS), y), None, cfg,
+    fit(models.branch_head(WIDTH, 3), acts.dataset(y), None, cfg,
         workdir=tempfile.mkdtemp())
     seconds = time.perf_counter() - t
     done.set()

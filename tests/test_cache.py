@@ -494,3 +494,17 @@ def test_collate_batch_falls_back_to_default() -> None:
     samples = [(torch.zeros(2), torch.tensor(1)), (torch.ones(2), torch.tensor(0))]
     xb, yb = collate_batch(samples)
     assert xb.shape == (2, 2) and yb.tolist() == [1, 0]
+
+
+def test_dataset_over_a_subset_of_rows_flattened(
+        sharded: tuple[CachedActivations, torch.Tensor]) -> None:
+    acts, _ = sharded
+    rows = torch.tensor([50, 3, 17, 3])
+    ds = acts.dataset(torch.tensor([0, 1, 2, 3]), rows=rows, flatten=True)
+    assert len(ds) == 4
+    xb, yb = ds.__getitems__([2, 0])
+    assert torch.equal(xb, acts[torch.tensor([17, 50])].flatten(1)) and yb.tolist() == [2, 0]
+    x1, y1 = ds[1]
+    assert torch.equal(x1, acts[3].flatten()) and int(y1) == 1
+    with pytest.raises(ValueError, match="2 labels but the dataset has 4 rows"):
+        acts.dataset(torch.zeros(2), rows=rows)

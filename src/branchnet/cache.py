@@ -50,10 +50,11 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, default_collate
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from branchnet import __version__
+from branchnet.data.batches import collate_batch
 from branchnet.data.dataset import Split, tensor_fingerprint
 from branchnet.taps import _check_rows, module_fingerprint, tap
 
@@ -358,9 +359,13 @@ class CachedActivations:
         """All rows as one float32 tensor in RAM."""
         return self._range(0, len(self))
 
-    def dataset(self, y: torch.Tensor | Sequence[int]) -> CachedDataset:
-        """A map-style dataset of ``(activation_row, label)`` pairs; see :class:`CachedDataset`."""
-        return CachedDataset(self, y)
+    def dataset(self, y: torch.Tensor | Sequence[int],
+                rows: torch.Tensor | Sequence[int] | None = None,
+                flatten: bool = False) -> CachedDataset:
+        """A map-style dataset of ``(activation_row, label)`` pairs over all rows or the given
+        ``rows`` (``y`` then labels those rows), optionally flattened to vectors; see
+        :class:`CachedDataset`."""
+        return CachedDataset(self, y, rows, flatten)
 
     def verify(self, full: bool = True) -> None:
         """Re-check meta.json and every shard's size and header; with ``full`` also the
@@ -377,25 +382,6 @@ class CachedActivations:
 
 
 # ----------------------------------------------------------------------------- datasets
-
-
-def collate_batch(batch: Any) -> Any:
-    """DataLoader ``collate_fn`` for :class:`CachedDataset`: passes ``(x, y)`` batches through.
-
-    Anything else (a list of samples) goes to torch's ``default_collate``.
-
-    >>> import torch
-    >>> x, y = collate_batch((torch.zeros(4, 2), torch.zeros(4)))
-    >>> x.shape
-    torch.Size([4, 2])
-    """
-    if (
-        isinstance(batch, tuple)
-        and len(batch) == 2
-        and all(isinstance(b, torch.Tensor) for b in batch)
-    ):
-        return batch
-    return default_collate(batch)
 
 
 class CachedDataset(Dataset):
@@ -416,25 +402,31 @@ class CachedDataset(Dataset):
 
     collate = staticmethod(collate_batch)
 
-    def __init__(self, acts: CachedActivations, y: torch.Tensor | Sequence[int]) -> None:
+    def __init__(self, acts: CachedActivations, y: torch.Tensor | Sequence[int],
+                 rows: torch.Tensor | Sequence[int] | None = None, flatten: bool = False) -> None:
         self.acts = acts
         self.y = torch.as_tensor(y)
-        if len(self.y) != len(acts):
-            raise ValueError(f"y has {len(self.y)} labels but the cache has {len(acts)} rows")
+        self.rows = None if rows is None else np.asarray(rows, dtype=np.int64)
+        self.flatten = flatten
+        n = len(acts) if self.rows is None else len(self.rows)
+        if len(self.y) != n:
+            raise ValueError(f"y has {len(self.y)} labels but the dataset has {n} rows")
 
     def __len__(self) -> int:
-        return len(self.acts)
+        return len(self.y)
 
     def __getitem__(self, index: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(index, torch.Tensor):
+            index = index.cpu().tolist()
         if isinstance(index, (list, tuple)):
             return self.__getitems__(index)
-        if isinstance(index, torch.Tensor):
-            index = index.cpu()
-        return self.acts[index], self.y[index]
+        x, y = self.__getitems__([index])
+        return x[0], y[0]
 
     def __getitems__(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         idx = np.asarray(indices, dtype=np.int64)
-        return self.acts[idx], self.y[torch.from_numpy(idx)]
+        x = self.acts[idx if self.rows is None else self.rows[idx]]
+        return (x.flatten(1) if self.flatten else x), self.y[torch.from_numpy(idx)]
 
     def loader(self, batch_size: int = 256, *, shuffle: bool = False, **kwargs: Any) -> DataLoader:
         """A DataLoader over this dataset with batched fetching (``collate_fn=collate_batch``)."""

@@ -17,12 +17,21 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 
 def collate_batch(batch: Any) -> Any:
-    """Identity collate: ``__getitems__`` already returns a stacked ``(x, y)`` batch."""
-    return batch
+    """``collate_fn`` for datasets with ``__getitems__``: a stacked ``(x, y)`` batch passes
+    through; anything else (a list of samples) goes to torch's ``default_collate``.
+
+    >>> x, y = collate_batch((torch.zeros(4, 2), torch.zeros(4)))
+    >>> x.shape
+    torch.Size([4, 2])
+    """
+    if isinstance(batch, tuple) and len(batch) == 2 and all(
+            isinstance(b, torch.Tensor) for b in batch):
+        return batch
+    return default_collate(batch)
 
 
 class TensorPairs(Dataset):

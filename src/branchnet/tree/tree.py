@@ -60,29 +60,6 @@ class ConstantHead(nn.Module):
         return x.new_zeros(x.shape[0], 1)
 
 
-class _Rows(Dataset):
-    """Rows ``rows`` of cached activations, flattened, with targets; batched ``__getitems__``."""
-
-    def __init__(self, acts: CachedActivations, rows: torch.Tensor, targets: torch.Tensor):
-        self.acts, self.rows, self.targets = acts, rows, targets
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        x, y = self.__getitems__([i])
-        return x[0], y[0]
-
-    def __getitems__(self, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        index = torch.as_tensor(idx, dtype=torch.long)
-        rows = self.rows[index]
-        order = torch.argsort(rows)  # sorted reads from the memory map are faster
-        x = self.acts[rows[order]].flatten(1)
-        out = torch.empty_like(x)
-        out[order] = x
-        return out, self.targets[index]
-
-
 def _as_tensor(x: Any) -> torch.Tensor:
     if isinstance(x, Split):
         return x.x
@@ -355,7 +332,7 @@ class BranchTree:
     def _node_dataset(self, i: int, acts: CachedActivations, rows: torch.Tensor,
                       targets: torch.Tensor) -> Dataset:
         if self.sources[i] < 0:
-            return _Rows(acts, rows, targets)
+            return acts.dataset(targets, rows=rows, flatten=True)
         return TensorPairs(self._branch_features(self.sources[i], acts[rows].flatten(1)), targets)
 
     def _build_router(self) -> None:
