@@ -71,6 +71,20 @@ class Split:
         """The rows selected by an index or boolean mask."""
         return Split(self.x[index], self.y[index])
 
+    def split(self, fraction: float, seed: int = 0) -> tuple[Split, Split]:
+        """Seeded, stratified ``(rest, held_out)`` with ``fraction`` of the rows held out.
+
+        >>> a, b = Split(torch.zeros(8, 1), torch.tensor([0, 1] * 4)).split(0.5)
+        >>> len(a), sorted(b.y.tolist())
+        (4, [0, 0, 1, 1])
+        """
+        from branchnet.data.prepare import stratified_split
+
+        if not 0 < fraction < 1:
+            raise DataError(f"fraction must be in (0, 1), got {fraction}")
+        keep, held = stratified_split(self.y.numpy(), fraction, seed)
+        return self.subset(torch.from_numpy(keep)), self.subset(torch.from_numpy(held))
+
     def relabel(self, mapping: dict[int, int]) -> Split:
         """Keep only labels in ``mapping`` and renumber them."""
         keep = torch.zeros_like(self.y, dtype=torch.bool)

@@ -21,7 +21,6 @@ from branchnet import metrics, models
 from branchnet.data import Data, Split, load
 from branchnet.data.batches import TensorPairs
 from branchnet.data.hierarchy import Hierarchy
-from branchnet.data.prepare import stratified_split
 from branchnet.engine import TrainConfig, fit
 from branchnet.report import Report, plot_training_curves
 from branchnet.runs import Run
@@ -212,8 +211,7 @@ def split_validation(data: Data, cfg: dict[str, Any]) -> tuple[Split, Split]:
     frac = cfg["calibration"]["fraction"]
     if not 0 < frac < 1:
         raise TreeError(f"calibration.fraction must be in (0, 1), got {frac}")
-    keep, held = stratified_split(data.val.y.numpy(), frac, cfg["seed"])
-    return data.val.subset(torch.from_numpy(keep)), data.val.subset(torch.from_numpy(held))
+    return data.val.split(frac, seed=cfg["seed"])
 
 
 def run_baselines(cfg: dict[str, Any], tree: BranchTree, data: Data, select: Split,

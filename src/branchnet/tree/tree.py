@@ -7,8 +7,9 @@ Example:
     >>> fast = {"epochs": 3, "progress": False}
     >>> tree = bn.BranchTree(bn.models.mlp([64, 128, 64], 10), tap="hidden.1",
     ...                      parent_train=fast, head_train=fast, progress=False)
-    >>> tree = tree.fit(data, hierarchy=hier)
-    >>> _ = tree.calibrate(data.val, method="coverage", coverage=0.9)
+    >>> select, calib = data.val.split(0.5)
+    >>> tree = tree.fit(data, select, hierarchy=hier)
+    >>> _ = tree.calibrate(calib, method="coverage", coverage=0.9)
     >>> pred = tree.predict(data.test.x)
     >>> 0.5 < pred.coverage <= 1.0
     True
@@ -37,7 +38,6 @@ from branchnet.data.batches import TensorPairs
 from branchnet.data.dataset import Data, Split
 from branchnet.data.hierarchy import Hierarchy
 from branchnet.data.imagefolder import default_cache_dir
-from branchnet.data.prepare import stratified_split
 from branchnet.engine import TrainConfig, fit
 from branchnet.selective import coverage_threshold, sgr_threshold
 from branchnet.taps import layer_names
@@ -192,8 +192,7 @@ class BranchTree:
         layout = TreeLayout(hier, classes)
         layout.hierarchy.check_labels(train.y.tolist(), classes)
         if val is None:  # a stratified tenth of the training split, for early stopping
-            keep, held = stratified_split(train.y.numpy(), 0.1, self.head_train.seed)
-            val, train = train.subset(torch.from_numpy(held)), train.subset(torch.from_numpy(keep))
+            train, val = train.split(0.1, seed=self.head_train.seed)
         layout.hierarchy.check_labels(val.y.tolist(), classes)
         for i, node in enumerate(layout.nodes):
             for name, split in (("training", train), ("validation", val)):
@@ -415,6 +414,10 @@ class BranchTree:
           ``target_risk`` with probability at least ``1 - delta`` (SGR, binomial bound).
         * ``method="coverage"``: accept the given fraction of the calibration inputs.
         * ``method="fixed"``: a given threshold (0.96 as in Neural-Branching) or one per node.
+
+        The guarantee holds for calibration data that played no part in fitting: not the
+        split used for early stopping (hold part of the validation split out, e.g. with
+        ``data.val.split(0.5)``, as ``branchnet tree fit`` does).
         """
         lay = self._require_fit()
         if isinstance(val, Data):
