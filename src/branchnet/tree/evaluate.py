@@ -100,8 +100,16 @@ def evaluate(tree: BranchTree, test: Split) -> tuple[dict[str, Any], dict[str, F
     }
     if tree.backoff:
         result["backed_off"] = int((pred.stop_level > 0).sum())
+    rc = selective.plot_risk_coverage({"tree": (conf, correct)})
+    if tree.calibration:
+        ax = rc.axes[0]
+        ax.axvline(result["coverage"], ls="--", color="gray",
+                   label=f"calibrated threshold ({result['coverage']:.1%} accepted)")
+        if tree.calibration.get("target_risk"):
+            ax.axhline(tree.calibration["target_risk"], ls=":", color="red", label="target risk")
+        ax.legend(fontsize=8)
     figures = {
-        "risk_coverage": selective.plot_risk_coverage({"tree": (conf, correct)}),
+        "risk_coverage": rc,
         "confusion": metrics.plot_confusion(metrics.confusion_matrix(pred.leaf, y, len(lay.classes)),
                                             lay.classes, title="routed class (before abstention)"),
         "branches": plot_branches(result["branches"]),
