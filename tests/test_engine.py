@@ -222,6 +222,19 @@ def test_early_stopping_restores_the_best_weights(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- resume
 
 
+def test_a_moved_run_folder_still_resumes(tmp_path: Path) -> None:
+    train, val = noisy(48, seed=3), noisy(48, seed=4)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(2, 16), nn.ReLU(), nn.Linear(16, 2))
+    first = fit(net, train, val, cfg(epochs=4, batch_size=8), workdir=tmp_path / "a")
+    (tmp_path / "a").rename(tmp_path / "b")
+    again = nn.Sequential(nn.Linear(2, 16), nn.ReLU(), nn.Linear(16, 2))
+    result = fit(again, train, val, cfg(epochs=4, batch_size=8), workdir=tmp_path / "b", resume=True)
+    assert result.best_epoch == first.best_epoch
+    assert Path(result.best_checkpoint).is_file()
+    assert_states_equal(state_of(again), state_of(net))
+
+
 def _mid_epoch() -> tuple[TensorPairs, TensorPairs, Any, TrainConfig]:
     # dropout (global RNG), Adam state, several Lightning batches per epoch; interrupted mid-epoch
     return blobs(96, seed=5), blobs(48, seed=6), dropout_net, cfg(

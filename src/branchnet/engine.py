@@ -262,7 +262,9 @@ def fit(
     last = ckpt_dir / "last.safetensors"
     if resume and result_path.is_file():
         result = FitResult(**json.loads(result_path.read_text()))
-        _restore(model, Path(result.best_checkpoint) if result.best_checkpoint else last)
+        if result.best_checkpoint:
+            result.best_checkpoint = str(workdir / result.best_checkpoint)
+        _restore(model, Path(result.best_checkpoint or last))
         return result
     if not resume and last.exists():
         raise TrainingError(
@@ -298,8 +300,6 @@ def fit(
         enable_progress_bar=cfg.progress,
         enable_model_summary=False,
         num_sanity_val_steps=0,
-        deterministic=False,
-        log_every_n_steps=1,
     )
     if cfg.progress and description:
         print(f"training {description}", flush=True)
@@ -327,8 +327,11 @@ def fit(
         result.best_epoch = int(load_checkpoint(best_path)["epoch"])
         _restore(model, Path(best_path))
     if os.environ.get("LOCAL_RANK", "0") == "0":
+        # the best checkpoint relative to workdir, so that a run folder can be moved
+        saved = {**result.to_dict(), "best_checkpoint": os.path.relpath(best_path, workdir)
+                 if best_path else None}
         tmp = result_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result.to_dict(), indent=1, default=_json_default))
+        tmp.write_text(json.dumps(saved, indent=1, default=_json_default))
         os.replace(tmp, result_path)
     return result
 
