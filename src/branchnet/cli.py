@@ -8,6 +8,9 @@
     branchnet tree eval RUN [--split test]   re-evaluate a saved tree
     branchnet tree predict RUN INPUT         route images / arrays through a saved tree
     branchnet tree compare RUN [RUN ...]     mean ± std of finished runs, as markdown
+    branchnet model fit CONFIG [--set k=v]   train one classifier -> a new run folder
+    branchnet model fit --resume RUN         continue an interrupted classifier run
+    branchnet model eval RUN [--split test]  re-evaluate a run's saved classifier
 """
 
 from __future__ import annotations
@@ -185,6 +188,67 @@ def cmd_tree_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_model_result(result: dict[str, Any], run_path: Path | None) -> None:
+    from branchnet.classifier import summary_rows
+    from branchnet.metrics import format_table
+
+    print()
+    print(format_table(summary_rows(result)))
+    print()
+    print(format_table([{k: r[k] for k in ("class", "support", "accuracy")}
+                        for r in result["per_class"]]))
+    if run_path is not None:
+        print(f"\nrun folder: {run_path}  (report.html, metrics.json, figures/, model/)")
+
+
+def cmd_model_fit(args: argparse.Namespace) -> int:
+    from branchnet.classifier import load_classifier_config, run_classifier
+    from branchnet.runs import Run
+
+    if args.resume:
+        run = Run.open(args.resume)
+        cfg = load_classifier_config(run.path / "config.yaml", args.set)
+        config_dir = Path(args.config).resolve().parent if args.config else None
+    else:
+        if not args.config:
+            raise SystemExit("branchnet model fit: give a CONFIG file, or --resume RUN")
+        cfg = load_classifier_config(args.config, args.set)
+        if args.seed is not None:
+            cfg["seed"] = args.seed
+        config_dir = Path(args.config).resolve().parent
+        run = Run.create(args.out, cfg["name"] + f"-s{cfg['seed']}")
+    if args.no_progress:
+        cfg["progress"] = False
+    print(f"run folder: {run.path}")
+    result = run_classifier(cfg, run, resume=bool(args.resume), config_dir=config_dir)
+    _print_model_result(result, run.path)
+    return 0
+
+
+def cmd_model_eval(args: argparse.Namespace) -> int:
+    from branchnet.classifier import evaluate_model, load_classifier_config, load_model
+    from branchnet.runs import Run
+    from branchnet.tree.experiment import load_data
+
+    run = Run.open(args.run)
+    model, meta = load_model(run.path)
+    cfg = load_classifier_config(run.path / "config.yaml")
+    cfg["progress"] = False
+    data = load_data(cfg)
+    if data.classes != meta["classes"]:
+        raise SystemExit(f"branchnet model eval: the data's classes {data.classes} differ from the "
+                         f"saved model's {meta['classes']}")
+    result = evaluate_model(model, data.splits()[args.split], data.classes)
+    result = {"split": args.split, "n_test": result.pop("n"), **result}
+    name = f"eval-{args.split}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run.write_metrics(result, f"{name}.json")
+    _print_model_result(result, None)
+    print(f"\n{args.split}: accuracy {result['accuracy']:.4f}, NLL {result['nll']:.4f}, "
+          f"ECE {result['ece']:.4f} on {result['n_test']} inputs")
+    print(f"metrics written to {run.path / (name + '.json')}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="branchnet", description="Branched neural networks on PyTorch.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -222,6 +286,23 @@ def build_parser() -> argparse.ArgumentParser:
     c = t.add_parser("compare", help="mean ± std of finished runs (e.g. seeds), as markdown")
     c.add_argument("runs", nargs="+")
     c.set_defaults(func=cmd_tree_compare)
+
+    m = sub.add_parser("model", help="train and evaluate one plain classifier").add_subparsers(
+        dest="model_cmd", required=True)
+    mf = m.add_parser("fit", help="train a classifier from a YAML config into a new run folder")
+    mf.add_argument("config", nargs="?", help="classifier YAML (e.g. configs/specialization-cifar10.yaml)")
+    mf.add_argument("--out", default="runs", help="folder for run folders (default: runs)")
+    mf.add_argument("--resume", metavar="RUN", help="continue an interrupted run folder")
+    mf.add_argument("--seed", type=int, help="override the config's seed")
+    mf.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config value, e.g. --set model.groups=1")
+    mf.add_argument("--no-progress", action="store_true", help="no progress bars")
+    mf.set_defaults(func=cmd_model_fit)
+
+    me = m.add_parser("eval", help="evaluate a run's saved classifier")
+    me.add_argument("run")
+    me.add_argument("--split", default="test", choices=["train", "val", "test"])
+    me.set_defaults(func=cmd_model_eval)
     return p
 
 
@@ -231,6 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message="no threshold reaches selective risk")
     from branchnet.cache import CacheError
     from branchnet.checkpoint import CheckpointError
+    from branchnet.classifier import ClassifierError
     from branchnet.data import DataError
     from branchnet.engine import TrainingError
     from branchnet.runs import RunError
@@ -240,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except (DataError, TreeError, TrainingError, CheckpointError, CacheError, RunError,
-            TapError) as e:
+            TapError, ClassifierError) as e:
         print(f"branchnet: error: {e}", file=sys.stderr)
         return 2
 

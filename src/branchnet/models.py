@@ -103,6 +103,92 @@ class SmallCNN(nn.Module):
         return self.head(self.hidden(self.pool(self.features(x))))
 
 
+def _image_hw(image_size: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(image_size, int):
+        return int(image_size), int(image_size)
+    hw = [int(v) for v in image_size]
+    if len(hw) != 2:
+        raise ValueError(f"image_size must be an int or [height, width], got {image_size!r}")
+    return hw[0], hw[1]
+
+
+class AlexNetSmall(nn.Module):
+    """An AlexNet-style CNN for small images whose early layers are split into branches.
+
+    Like the original AlexNet, trained on two GPUs, the convolutions after the first are
+    *grouped*: with ``groups=2``, ``conv2``'s branch g reads only the g-th block of ``conv1``'s
+    filters, and ``conv3``'s branch g only the g-th block of ``conv2``'s. ``conv1`` itself sees
+    all input channels (every filter sees RGB), so conv1's filters form ``groups`` branches that
+    can specialise (Distill, "Branch Specialization": one AlexNet half learned black-and-white
+    Gabor filters, the other low-frequency colour). ``groups=1`` is the unbranched control with
+    the same layer sizes::
+
+        conv1 (5x5) -> relu1 -> pool1 -> conv2 (5x5, grouped) -> relu2 -> pool2
+        -> conv3 (3x3, grouped) -> relu3 -> pool3 -> flatten -> fc1 -> relu4 -> drop -> head
+
+    Each 2x2 max-pool halves the image (32 -> 16 -> 8 -> 4); ``image_size`` fixes fc1's input.
+    Every stage is its own named module, so each can be tapped.
+    """
+
+    def __init__(
+        self,
+        num_classes: int = 10,
+        groups: int = 2,
+        widths: Sequence[int] = (64, 128, 192),
+        hidden: int = 256,
+        in_channels: int = 3,
+        dropout: float = 0.5,
+        image_size: int | Sequence[int] = 32,
+    ):
+        super().__init__()
+        widths = [int(w) for w in widths]
+        groups, hidden, in_channels = int(groups), int(hidden), int(in_channels)
+        h, w = _image_hw(image_size)
+        if len(widths) != 3 or any(c < 1 for c in widths):
+            raise ValueError(f"AlexNetSmall needs three positive widths, got {widths}")
+        if groups < 1 or any(c % groups for c in widths):
+            raise ValueError(f"every width in {widths} must be divisible by groups={groups}")
+        if min(num_classes, hidden, in_channels) < 1:
+            raise ValueError("num_classes, hidden and in_channels must be >= 1")
+        if min(h, w) < 8:
+            raise ValueError(f"AlexNetSmall pools three times: images must be at least 8x8, "
+                             f"got {h}x{w}")
+        self.spec = {"kind": "alexnet", "num_classes": int(num_classes), "groups": groups,
+                     "widths": widths, "hidden": hidden, "in_channels": in_channels,
+                     "dropout": float(dropout), "image_size": [h, w]}
+        w0, w1, w2 = widths
+        self.conv1 = nn.Conv2d(in_channels, w0, 5, padding=2)
+        self.relu1 = nn.ReLU()
+        self.pool1 = nn.MaxPool2d(2)
+        self.conv2 = nn.Conv2d(w0, w1, 5, padding=2, groups=groups)
+        self.relu2 = nn.ReLU()
+        self.pool2 = nn.MaxPool2d(2)
+        self.conv3 = nn.Conv2d(w1, w2, 3, padding=1, groups=groups)
+        self.relu3 = nn.ReLU()
+        self.pool3 = nn.MaxPool2d(2)
+        self.flatten = nn.Flatten()
+        self.fc1 = nn.Linear(w2 * (h // 8) * (w // 8), hidden)
+        self.relu4 = nn.ReLU()
+        self.drop = nn.Dropout(dropout)
+        self.head = nn.Linear(hidden, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # fx proxies are not tensors: the check is skipped while tracing (taps with truncate)
+        if isinstance(x, torch.Tensor) and not torch.jit.is_tracing() and (
+                x.ndim != 4 or x.shape[1] != self.spec["in_channels"]
+                or list(x.shape[2:]) != self.spec["image_size"]):
+            raise ValueError(
+                f"AlexNetSmall expects images [N, {self.spec['in_channels']}, "
+                f"{self.spec['image_size'][0]}, {self.spec['image_size'][1]}], "
+                f"got shape {tuple(x.shape)}"
+            )
+        x = self.pool1(self.relu1(self.conv1(x)))
+        x = self.pool2(self.relu2(self.conv2(x)))
+        x = self.pool3(self.relu3(self.conv3(x)))
+        x = self.drop(self.relu4(self.fc1(self.flatten(x))))
+        return self.head(x)
+
+
 def mlp(sizes: Sequence[int], num_classes: int, dropout: float = 0.0) -> MLP:
     """An MLP ``sizes[0] -> sizes[1] -> ... -> num_classes`` (see :class:`MLP`)."""
     return MLP(sizes, num_classes, dropout)
@@ -112,6 +198,13 @@ def cnn(in_channels: int = 3, widths: Sequence[int] = (32, 64, 128), hidden: int
         num_classes: int = 10, dropout: float = 0.0) -> SmallCNN:
     """A small CNN (see :class:`SmallCNN`)."""
     return SmallCNN(in_channels, widths, hidden, num_classes, dropout)
+
+
+def alexnet(num_classes: int = 10, groups: int = 2, widths: Sequence[int] = (64, 128, 192),
+            hidden: int = 256, in_channels: int = 3, dropout: float = 0.5,
+            image_size: int | Sequence[int] = 32) -> AlexNetSmall:
+    """An AlexNet-style CNN with ``groups`` branches (see :class:`AlexNetSmall`)."""
+    return AlexNetSmall(num_classes, groups, widths, hidden, in_channels, dropout, image_size)
 
 
 def branch_head(n_in: int, n_out: int, hidden: int = 256, dropout: float = 0.5) -> MLP:
@@ -124,6 +217,10 @@ _BUILDERS = {
     "mlp": lambda s: MLP(s["sizes"], s["num_classes"], s.get("dropout", 0.0)),
     "cnn": lambda s: SmallCNN(s["in_channels"], s["widths"], s["hidden"], s["num_classes"],
                               s.get("dropout", 0.0)),
+    "alexnet": lambda s: AlexNetSmall(
+        s.get("num_classes", 10), s.get("groups", 2), s.get("widths", (64, 128, 192)),
+        s.get("hidden", 256), s.get("in_channels", 3), s.get("dropout", 0.5),
+        s.get("image_size", 32)),
 }
 
 
@@ -138,7 +235,7 @@ def build(spec: dict[str, Any]) -> nn.Module:
 def spec_of(model: nn.Module) -> dict[str, Any] | None:
     """The model's spec if branchnet can rebuild it, else None."""
     # exact classes only: a subclass may change forward() and would be rebuilt wrongly
-    if type(model) not in (MLP, SmallCNN):
+    if type(model) not in (MLP, SmallCNN, AlexNetSmall):
         return None
     return dict(model.spec)
 

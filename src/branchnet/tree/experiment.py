@@ -72,8 +72,10 @@ def merge_config(base: dict[str, Any], override: dict[str, Any], where: str = ""
     return out
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
-    """Read a YAML config, apply ``key.sub=value`` overrides, merge into the defaults."""
+def load_config(path: str | Path, overrides: list[str] | None = None,
+                defaults: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Read a YAML config, apply ``key.sub=value`` overrides, merge into ``defaults`` (the
+    tree's :data:`DEFAULTS` unless given)."""
     path = Path(path)
     if not path.is_file():
         raise TreeError(f"config file {path} does not exist")
@@ -81,6 +83,8 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> dict[st
         user = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise TreeError(f"config file {path} is not valid YAML: {e}") from e
+    if not isinstance(user, dict):
+        raise TreeError(f"config file {path} must hold a mapping of keys, got {type(user).__name__}")
     for item in overrides or []:
         key, sep, value = item.partition("=")
         if not sep:
@@ -90,7 +94,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> dict[st
         for p in parents:
             node = node.setdefault(p, {})
         node[last] = yaml.safe_load(value)
-    return merge_config(DEFAULTS, user)
+    return merge_config(DEFAULTS if defaults is None else defaults, user)
 
 
 def resolve_source(source: str, config_dir: Path | None) -> str:
@@ -116,8 +120,11 @@ def resolve_paths(cfg: dict[str, Any], config_dir: Path | None) -> dict[str, Any
         return str(path.resolve()) if path.exists() else value
 
     cfg["data"]["source"] = absolute(cfg["data"]["source"])
-    cfg["hierarchy"] = absolute(cfg["hierarchy"])
-    cfg["parent"]["weights"] = absolute(cfg["parent"]["weights"])
+    # other experiments (branchnet.classifier) share this but have no hierarchy or parent
+    if "hierarchy" in cfg:
+        cfg["hierarchy"] = absolute(cfg["hierarchy"])
+    if "parent" in cfg:
+        cfg["parent"]["weights"] = absolute(cfg["parent"]["weights"])
     return cfg
 
 
