@@ -249,6 +249,70 @@ def cmd_model_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _analysis_target(run_dir: str) -> tuple[Any, Any, str | None]:
+    """(model, data, default layer) of a classifier run or of a tree run (its parent)."""
+    from branchnet.runs import Run
+    from branchnet.tree.experiment import load_data
+
+    run = Run.open(run_dir)
+    if (run.path / "tree" / "tree.json").is_file():
+        from branchnet.tree.experiment import load_config
+
+        _, tree = _load_run_tree(run_dir)
+        cfg = load_config(run.path / "config.yaml")
+        cfg["progress"] = False
+        return tree, load_data(cfg), tree.tap
+    from branchnet.classifier import load_classifier_config, load_model
+
+    model, _ = load_model(run.path)
+    cfg = load_classifier_config(run.path / "config.yaml")
+    cfg["progress"] = False
+    return model, load_data(cfg), None
+
+
+def cmd_analyze_specialization(args: argparse.Namespace) -> int:
+    from branchnet.analysis import AnalysisError, Partition, specialization
+    from branchnet.runs import Run
+    from branchnet.tree.tree import BranchTree
+
+    target, data, default_layer = _analysis_target(args.run)
+    split = data.splits()[args.split]
+    if isinstance(target, BranchTree):
+        from branchnet.analysis.tree_branches import tree_specialization
+
+        result = tree_specialization(target, split, seed=args.seed)
+        folder = Run.open(args.run).path / "specialization-tree"
+        path = result.write_report(folder)
+        print(result.summary_text())
+        print(f"\nreport: {path}")
+        return 0
+    layer = args.layer or default_layer
+    if not layer:
+        from branchnet.taps import layer_names
+
+        raise AnalysisError(f"give --layer NAME; the model's layers are {layer_names(target)}")
+    partition = None
+    if args.partition == "random":
+        from branchnet.analysis.partitions import _get_module
+
+        n_units = _get_module(target, layer).weight.shape[0]
+        half = n_units // 2
+        partition = Partition.random([half, n_units - half], seed=args.seed)
+    result = specialization(target, layer, split, partition=partition,
+                            n_permutations=args.permutations, seed=args.seed,
+                            max_samples=args.max_samples)
+    suffix = "" if args.partition == "auto" else f"-random{args.seed}"
+    folder = Run.open(args.run).path / f"specialization-{layer}{suffix}"
+    path = result.write_report(folder)
+    from branchnet.metrics import format_table
+
+    print(format_table(result.branches) if isinstance(result.branches, list) else result.branches)
+    for name, test in result.tests.items():
+        print(f"permutation test of {name}: observed {test.observed:.4f}, p = {test.p_value:.4g}")
+    print(f"\nreport: {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="branchnet", description="Branched neural networks on PyTorch.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -303,6 +367,20 @@ def build_parser() -> argparse.ArgumentParser:
     me.add_argument("run")
     me.add_argument("--split", default="test", choices=["train", "val", "test"])
     me.set_defaults(func=cmd_model_eval)
+
+    an = sub.add_parser("analyze", help="analyses of trained runs").add_subparsers(
+        dest="analyze_cmd", required=True)
+    sp = an.add_parser("specialization",
+                       help="how the units of a branched layer organise themselves by branch")
+    sp.add_argument("run", help="a classifier run (branchnet model fit) or a tree run")
+    sp.add_argument("--layer", help="the layer to analyse (default for trees: the tapped layer)")
+    sp.add_argument("--partition", default="auto", choices=["auto", "random"],
+                    help="auto: from grouped convolutions; random: a random halving (control)")
+    sp.add_argument("--permutations", type=int, default=2000)
+    sp.add_argument("--max-samples", type=int, default=2000)
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--split", default="test", choices=["train", "val", "test"])
+    sp.set_defaults(func=cmd_analyze_specialization)
     return p
 
 
@@ -310,6 +388,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # the command line reports an infeasible risk target itself, in its summary
     warnings.filterwarnings("ignore", message="no threshold reaches selective risk")
+    from branchnet.analysis import AnalysisError
     from branchnet.cache import CacheError
     from branchnet.checkpoint import CheckpointError
     from branchnet.classifier import ClassifierError
@@ -322,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except (DataError, TreeError, TrainingError, CheckpointError, CacheError, RunError,
-            TapError, ClassifierError) as e:
+            TapError, ClassifierError, AnalysisError) as e:
         print(f"branchnet: error: {e}", file=sys.stderr)
         return 2
 

@@ -134,7 +134,7 @@ class AlexNetSmall(nn.Module):
         self,
         num_classes: int = 10,
         groups: int = 2,
-        widths: Sequence[int] = (64, 128, 192),
+        widths: Sequence[int] = (48, 96, 128),
         hidden: int = 256,
         in_channels: int = 3,
         dropout: float = 0.5,
@@ -200,7 +200,7 @@ def cnn(in_channels: int = 3, widths: Sequence[int] = (32, 64, 128), hidden: int
     return SmallCNN(in_channels, widths, hidden, num_classes, dropout)
 
 
-def alexnet(num_classes: int = 10, groups: int = 2, widths: Sequence[int] = (64, 128, 192),
+def alexnet(num_classes: int = 10, groups: int = 2, widths: Sequence[int] = (48, 96, 128),
             hidden: int = 256, in_channels: int = 3, dropout: float = 0.5,
             image_size: int | Sequence[int] = 32) -> AlexNetSmall:
     """An AlexNet-style CNN with ``groups`` branches (see :class:`AlexNetSmall`)."""
@@ -218,7 +218,7 @@ _BUILDERS = {
     "cnn": lambda s: SmallCNN(s["in_channels"], s["widths"], s["hidden"], s["num_classes"],
                               s.get("dropout", 0.0)),
     "alexnet": lambda s: AlexNetSmall(
-        s.get("num_classes", 10), s.get("groups", 2), s.get("widths", (64, 128, 192)),
+        s.get("num_classes", 10), s.get("groups", 2), s.get("widths", (48, 96, 128)),
         s.get("hidden", 256), s.get("in_channels", 3), s.get("dropout", 0.5),
         s.get("image_size", 32)),
 }
