@@ -7,7 +7,7 @@
 
 __version__ = "0.1.0"
 
-from branchnet import data, engine, metrics, models, selective
+from branchnet import analysis, data, engine, metrics, models, selective
 from branchnet.cache import ActivationCache, CachedActivations
 from branchnet.data.hierarchy import Hierarchy
 from branchnet.engine import TrainConfig
@@ -23,6 +23,7 @@ __all__ = [
     "Prediction",
     "Run",
     "TrainConfig",
+    "analysis",
     "data",
     "engine",
     "extract",
