@@ -31,6 +31,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_demo.py
 	$(BIN)/python benchmarks/bench_branch_training.py
 	$(BIN)/python benchmarks/bench_cache_memory.py
+	$(BIN)/python benchmarks/bench_specialization.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache build src/*.egg-info
