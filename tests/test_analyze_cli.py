@@ -74,6 +74,11 @@ def test_analyze_a_branched_classifier_run(tmp_path: Path) -> None:
     assert code == 0, err
     assert (run / "specialization-conv1-random3" / "report.html").is_file()
     assert report.is_file()
+    code, out, err = run_cli(["analyze", "compare", str(run / "specialization-conv1"),
+                              str(run / "specialization-conv1-random3")])
+    assert code == 0, err
+    rows = [line for line in out.splitlines() if line.startswith(f"| {run.name}/")]
+    assert len(rows) == 2 and "specialization-conv1-random3" in rows[1]
 
 
 def test_analyze_errors_are_clear(tmp_path: Path) -> None:
@@ -139,3 +144,8 @@ def test_tree_specialization_needs_two_heads(tmp_path: Path) -> None:
     tree.fit(split_blobs(200, 0), classes=["0", "1", "2", "3"])  # flat: the parent's own root
     with pytest.raises(AnalysisError, match="at least two learned heads"):
         tree_specialization(tree, split_blobs(50, 1))
+
+
+def test_analyze_compare_needs_report_folders(tmp_path: Path) -> None:
+    code, _, err = run_cli(["analyze", "compare", str(tmp_path)])
+    assert code == 2 and "specialization.json does not exist" in err

@@ -313,6 +313,13 @@ def cmd_analyze_specialization(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_analyze_compare(args: argparse.Namespace) -> int:
+    from branchnet.analysis.specialization import compare_reports
+
+    print(compare_reports(args.folders))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="branchnet", description="Branched neural networks on PyTorch.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -381,6 +388,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--split", default="test", choices=["train", "val", "test"])
     sp.set_defaults(func=cmd_analyze_specialization)
+    cp = an.add_parser("compare", help="one row per specialization report folder, as markdown")
+    cp.add_argument("folders", nargs="+", help="RUN/specialization-LAYER folders")
+    cp.set_defaults(func=cmd_analyze_compare)
     return p
 
 

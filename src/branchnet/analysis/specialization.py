@@ -57,7 +57,7 @@ from branchnet.data.dataset import Data, Split
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["SpecializationResult", "specialization"]
+__all__ = ["SpecializationResult", "compare_reports", "specialization"]
 
 _TEST_LABELS = {
     "colourfulness": "colourfulness",
@@ -753,3 +753,34 @@ def _build_report(r: SpecializationResult, pngs: dict[str, bytes], report_cls: A
         muted=True,
     )
     return rep
+
+
+def compare_reports(folders: Sequence[str | Path]) -> str:
+    """A markdown table, one row per ``specialization.json`` folder (e.g. one per seed):
+    each branch's mean colourfulness and frequency, and the permutation p-values."""
+    rows = []
+    for folder in folders:
+        path = Path(folder) / "specialization.json"
+        if not path.is_file():
+            raise AnalysisError(f"{path} does not exist; run `branchnet analyze specialization` first")
+        d = json.loads(path.read_text())
+        s = d["summary"]
+        colour = [b.get("mean_colourfulness") for b in d["branches"]]
+        freq = [b.get("mean_frequency") for b in d["branches"]]
+
+        def fmt(v: Any) -> str:
+            return "–" if v is None else f"{v:.3f}"
+
+        def pval(name: str, p_values: dict[str, Any] = s["p_values"]) -> str:
+            v = p_values.get(name)
+            return "–" if v is None else f"{v:.3g}"
+
+        rows.append(f"| {Path(folder).parent.name}/{Path(folder).name} | "
+                    + " / ".join(fmt(c) for c in colour)
+                    + f" | {pval('colourfulness')} | " + " / ".join(fmt(f) for f in freq)
+                    + f" | {pval('frequency')} | {pval('selectivity')} | "
+                    + f"{fmt(s.get('colour_enrichment_p'))} |")
+    head = ("| run | mean colourfulness per branch | p (colourfulness) | mean frequency per branch "
+            "| p (frequency) | p (selectivity) | colour-family enrichment p |")
+    return "\n".join([head, "|---|---|---|---|---|---|---|", *rows])
+
