@@ -32,7 +32,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.run:
         from branchnet.classifier import load_classifier_config, load_model
-        from branchnet.tree.experiment import load_data
+        from branchnet.config import load_data
 
         model, _ = load_model(args.run)
         cfg = load_classifier_config(args.run / "config.yaml")

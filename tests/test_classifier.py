@@ -18,9 +18,9 @@ import yaml
 from branchnet import models
 from branchnet.classifier import load_model, predict_proba
 from branchnet.cli import main
+from branchnet.config import load_data
 from branchnet.runs import Run
 from branchnet.taps import extract
-from branchnet.tree.experiment import load_data
 
 WIDTHS = (8, 12, 16)
 

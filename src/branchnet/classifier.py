@@ -31,13 +31,13 @@ from torch import nn
 
 from branchnet import metrics, models
 from branchnet.checkpoint import CheckpointError, load_weights, save_weights
+from branchnet.config import DATA_DEFAULTS, load_config, load_data, merge_config, resolve_paths
 from branchnet.data import Data, Split
 from branchnet.data.batches import TensorPairs
 from branchnet.engine import TrainConfig, fit
 from branchnet.report import Report, plot_training_curves
 from branchnet.runs import Run
 from branchnet.taps import layer_names
-from branchnet.tree.experiment import load_config, load_data, merge_config, resolve_paths
 
 __all__ = ["DEFAULTS", "ClassifierError", "build_model", "evaluate_model", "load_classifier_config",
            "load_model", "run_classifier"]
@@ -45,11 +45,7 @@ __all__ = ["DEFAULTS", "ClassifierError", "build_model", "evaluate_model", "load
 DEFAULTS: dict[str, Any] = {
     "name": "model",
     "seed": 0,
-    "data": {
-        "source": "digits", "classes": None, "normalize": None, "val_fraction": 0.1,
-        "test_fraction": 0.2, "max_per_class": None, "image_size": None, "label_set": "fine",
-        "cache_dir": None,
-    },
+    "data": DATA_DEFAULTS,
     # free-form: {kind: mlp | cnn | alexnet, ...the model's own arguments}; num_classes and the
     # input size (mlp sizes[0] "auto", cnn / alexnet in_channels, alexnet image_size) come from
     # the data

@@ -67,7 +67,8 @@ def _print_result(result: dict[str, Any], run_path: Path) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from branchnet.runs import Run
-    from branchnet.tree.experiment import DEFAULTS, merge_config, run_experiment
+    from branchnet.config import merge_config
+    from branchnet.tree.experiment import DEFAULTS, run_experiment
 
     t0 = time.perf_counter()
     cfg = merge_config(DEFAULTS, DEMO_CONFIG)
@@ -83,16 +84,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_tree_fit(args: argparse.Namespace) -> int:
     from branchnet.runs import Run
-    from branchnet.tree.experiment import load_config, run_experiment
+    from branchnet.tree.experiment import load_tree_config, run_experiment
 
     if args.resume:
         run = Run.open(args.resume)
-        cfg = load_config(run.path / "config.yaml", args.set)
+        cfg = load_tree_config(run.path / "config.yaml", args.set)
         config_dir = Path(args.config).resolve().parent if args.config else None
     else:
         if not args.config:
             raise SystemExit("branchnet tree fit: give a CONFIG file, or --resume RUN")
-        cfg = load_config(args.config, args.set)
+        cfg = load_tree_config(args.config, args.set)
         if args.seed is not None:
             cfg["seed"] = args.seed
         config_dir = Path(args.config).resolve().parent
@@ -119,11 +120,12 @@ def _load_run_tree(run_dir: str) -> tuple[Any, Any]:
 
 
 def cmd_tree_eval(args: argparse.Namespace) -> int:
+    from branchnet.config import load_data
     from branchnet.tree.evaluate import evaluate
-    from branchnet.tree.experiment import load_config, load_data
+    from branchnet.tree.experiment import load_tree_config
 
     run, tree = _load_run_tree(args.run)
-    cfg = load_config(run.path / "config.yaml")
+    cfg = load_tree_config(run.path / "config.yaml")
     cfg["progress"] = False
     data = load_data(cfg)
     split = data.splits()[args.split]
@@ -227,8 +229,8 @@ def cmd_model_fit(args: argparse.Namespace) -> int:
 
 def cmd_model_eval(args: argparse.Namespace) -> int:
     from branchnet.classifier import evaluate_model, load_classifier_config, load_model
+    from branchnet.config import load_data
     from branchnet.runs import Run
-    from branchnet.tree.experiment import load_data
 
     run = Run.open(args.run)
     model, meta = load_model(run.path)
@@ -251,15 +253,15 @@ def cmd_model_eval(args: argparse.Namespace) -> int:
 
 def _analysis_target(run_dir: str) -> tuple[Any, Any, str | None]:
     """(model, data, default layer) of a classifier run or of a tree run (its parent)."""
+    from branchnet.config import load_data
     from branchnet.runs import Run
-    from branchnet.tree.experiment import load_data
 
     run = Run.open(run_dir)
     if (run.path / "tree" / "tree.json").is_file():
-        from branchnet.tree.experiment import load_config
+        from branchnet.tree.experiment import load_tree_config
 
         _, tree = _load_run_tree(run_dir)
-        cfg = load_config(run.path / "config.yaml")
+        cfg = load_tree_config(run.path / "config.yaml")
         cfg["progress"] = False
         return tree, load_data(cfg), tree.tap
     from branchnet.classifier import load_classifier_config, load_model
@@ -402,6 +404,7 @@ def main(argv: list[str] | None = None) -> int:
     from branchnet.cache import CacheError
     from branchnet.checkpoint import CheckpointError
     from branchnet.classifier import ClassifierError
+    from branchnet.config import ConfigError
     from branchnet.data import DataError
     from branchnet.engine import TrainingError
     from branchnet.runs import RunError
@@ -411,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except (DataError, TreeError, TrainingError, CheckpointError, CacheError, RunError,
-            TapError, ClassifierError, AnalysisError) as e:
+            TapError, ClassifierError, AnalysisError, ConfigError) as e:
         print(f"branchnet: error: {e}", file=sys.stderr)
         return 2
 
