@@ -66,8 +66,8 @@ def _print_result(result: dict[str, Any], run_path: Path) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from branchnet.runs import Run
     from branchnet.config import merge_config
+    from branchnet.runs import Run
     from branchnet.tree.experiment import DEFAULTS, run_experiment
 
     t0 = time.perf_counter()
