@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 from pathlib import Path
 from typing import Any
@@ -11,14 +9,13 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-import yaml
 
 from branchnet import models
 from branchnet.analysis import AnalysisError
 from branchnet.analysis.tree_branches import top_overlap_pvalue, tree_specialization
-from branchnet.cli import main
 from branchnet.data.dataset import Split
 from branchnet.tree import BranchTree
+from cli_helpers import run_cli, write_config
 
 ALEX = {
     "name": "alex", "seed": 0,
@@ -41,16 +38,9 @@ TREE = {
 }
 
 
-def run_cli(args: list[str]) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(args)
-    return code, out.getvalue(), err.getvalue()
-
 
 def fit_run(tmp_path: Path, kind: str, cfg: dict[str, Any]) -> Path:
-    path = tmp_path / f"{cfg['name']}.yaml"
-    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    path = write_config(tmp_path / f"{cfg['name']}.yaml", cfg)
     code, _, err = run_cli([kind, "fit", str(path), "--out", str(tmp_path / "runs")])
     assert code == 0, err
     return next((tmp_path / "runs").glob(f"{cfg['name']}-s0-*"))

@@ -5,8 +5,6 @@ the saved model, and the error messages and exit codes."""
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 from pathlib import Path
 from typing import Any
@@ -17,10 +15,10 @@ import yaml
 
 from branchnet import models
 from branchnet.classifier import load_model, predict_proba
-from branchnet.cli import main
 from branchnet.config import load_data
 from branchnet.runs import Run
 from branchnet.taps import extract
+from cli_helpers import run_cli, write_config
 
 WIDTHS = (8, 12, 16)
 
@@ -34,16 +32,6 @@ TINY_CONFIG: dict[str, Any] = {
 }
 
 
-def run_cli(args: list[str]) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(args)
-    return code, out.getvalue(), err.getvalue()
-
-
-def write_config(path: Path, cfg: dict[str, Any]) -> Path:
-    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    return path
 
 
 # ---------------------------------------------------------------- the model

@@ -5,8 +5,6 @@ exit codes, and ``demo``."""
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import shutil
 import time
@@ -23,6 +21,7 @@ import branchnet.engine as engine
 from branchnet.cli import main
 from branchnet.runs import Run
 from branchnet.tree import BranchTree
+from cli_helpers import run_cli, write_config
 
 DIGITS_CONFIG: dict[str, Any] = {
     "name": "tiny",
@@ -42,17 +41,6 @@ COLORS = {"red": (220, 30, 30), "yellow": (230, 220, 40), "blue": (30, 40, 220),
           "green": (30, 200, 40)}
 
 
-def run_cli(args: list[str]) -> tuple[int, str, str]:
-    """main(args) with stdout and stderr captured."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(args)
-    return code, out.getvalue(), err.getvalue()
-
-
-def write_config(path: Path, cfg: dict[str, Any]) -> Path:
-    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    return path
 
 
 def only_run(out: Path, prefix: str) -> Path:

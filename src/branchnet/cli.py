@@ -82,27 +82,35 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_tree_fit(args: argparse.Namespace) -> int:
+def _open_or_create_run(args: argparse.Namespace, load: Any,
+                        command: str) -> tuple[Any, dict[str, Any], Path | None]:
+    """``fit CONFIG`` makes a new run folder; ``fit --resume RUN`` reopens one with its config."""
     from branchnet.runs import Run
-    from branchnet.tree.experiment import load_tree_config, run_experiment
 
     if args.resume:
         run = Run.open(args.resume)
-        cfg = load_tree_config(run.path / "config.yaml", args.set)
+        cfg = load(run.path / "config.yaml", args.set)
         config_dir = Path(args.config).resolve().parent if args.config else None
     else:
         if not args.config:
-            raise SystemExit("branchnet tree fit: give a CONFIG file, or --resume RUN")
-        cfg = load_tree_config(args.config, args.set)
+            raise SystemExit(f"branchnet {command} fit: give a CONFIG file, or --resume RUN")
+        cfg = load(args.config, args.set)
         if args.seed is not None:
             cfg["seed"] = args.seed
         config_dir = Path(args.config).resolve().parent
         run = Run.create(args.out, cfg["name"] + f"-s{cfg['seed']}")
-    if args.devices:
-        cfg["parent"]["train"]["devices"] = args.devices
     if args.no_progress:
         cfg["progress"] = False
     print(f"run folder: {run.path}")
+    return run, cfg, config_dir
+
+
+def cmd_tree_fit(args: argparse.Namespace) -> int:
+    from branchnet.tree.experiment import load_tree_config, run_experiment
+
+    run, cfg, config_dir = _open_or_create_run(args, load_tree_config, "tree")
+    if args.devices:
+        cfg["parent"]["train"]["devices"] = args.devices
     result = run_experiment(cfg, run, resume=bool(args.resume), config_dir=config_dir)
     _print_result(result, run.path)
     return 0
@@ -205,23 +213,8 @@ def _print_model_result(result: dict[str, Any], run_path: Path | None) -> None:
 
 def cmd_model_fit(args: argparse.Namespace) -> int:
     from branchnet.classifier import load_classifier_config, run_classifier
-    from branchnet.runs import Run
 
-    if args.resume:
-        run = Run.open(args.resume)
-        cfg = load_classifier_config(run.path / "config.yaml", args.set)
-        config_dir = Path(args.config).resolve().parent if args.config else None
-    else:
-        if not args.config:
-            raise SystemExit("branchnet model fit: give a CONFIG file, or --resume RUN")
-        cfg = load_classifier_config(args.config, args.set)
-        if args.seed is not None:
-            cfg["seed"] = args.seed
-        config_dir = Path(args.config).resolve().parent
-        run = Run.create(args.out, cfg["name"] + f"-s{cfg['seed']}")
-    if args.no_progress:
-        cfg["progress"] = False
-    print(f"run folder: {run.path}")
+    run, cfg, config_dir = _open_or_create_run(args, load_classifier_config, "model")
     result = run_classifier(cfg, run, resume=bool(args.resume), config_dir=config_dir)
     _print_model_result(result, run.path)
     return 0
