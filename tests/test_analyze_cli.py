@@ -64,6 +64,12 @@ def test_analyze_a_branched_classifier_run(tmp_path: Path) -> None:
     assert code == 0, err
     assert (run / "specialization-conv1-random3" / "report.html").is_file()
     assert report.is_file()
+    code, _, err = run_cli(["analyze", "specialization", str(run), "--layer", "conv1",
+                            "--partition", "halves", "--permutations", "200",
+                            "--max-samples", "300"])
+    assert code == 0, err
+    halves = json.loads((run / "specialization-conv1-halves" / "specialization.json").read_text())
+    assert halves["partition"] == summary["partition"]  # the same blocks, chosen by hand
     code, out, err = run_cli(["analyze", "compare", str(run / "specialization-conv1"),
                               str(run / "specialization-conv1-random3")])
     assert code == 0, err

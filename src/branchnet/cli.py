@@ -287,16 +287,17 @@ def cmd_analyze_specialization(args: argparse.Namespace) -> int:
 
         raise AnalysisError(f"give --layer NAME; the model's layers are {layer_names(target)}")
     partition = None
-    if args.partition == "random":
+    if args.partition != "auto":  # the controls: the same halves as two groups, or random halves
         from branchnet.analysis.partitions import _get_module
 
         n_units = _get_module(target, layer).weight.shape[0]
-        half = n_units // 2
-        partition = Partition.random([half, n_units - half], seed=args.seed)
+        sizes = [n_units // 2, n_units - n_units // 2]
+        partition = (Partition.random(sizes, seed=args.seed) if args.partition == "random"
+                     else Partition.from_sizes(sizes))
     result = specialization(target, layer, split, partition=partition,
                             n_permutations=args.permutations, seed=args.seed,
                             max_samples=args.max_samples)
-    suffix = "" if args.partition == "auto" else f"-random{args.seed}"
+    suffix = {"auto": "", "halves": "-halves", "random": f"-random{args.seed}"}[args.partition]
     folder = Run.open(args.run).path / f"specialization-{layer}{suffix}"
     path = result.write_report(folder)
     from branchnet.metrics import format_table
@@ -376,8 +377,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="how the units of a branched layer organise themselves by branch")
     sp.add_argument("run", help="a classifier run (branchnet model fit) or a tree run")
     sp.add_argument("--layer", help="the layer to analyse (default for trees: the tapped layer)")
-    sp.add_argument("--partition", default="auto", choices=["auto", "random"],
-                    help="auto: from grouped convolutions; random: a random halving (control)")
+    sp.add_argument("--partition", default="auto", choices=["auto", "halves", "random"],
+                    help="auto: from grouped convolutions; controls: halves (first and second "
+                         "half of the units) or random (a random halving, seeded by --seed)")
     sp.add_argument("--permutations", type=int, default=2000)
     sp.add_argument("--max-samples", type=int, default=2000)
     sp.add_argument("--seed", type=int, default=0)
