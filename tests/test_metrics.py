@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import doctest
 import itertools
 
 import numpy as np
@@ -10,7 +9,6 @@ import pytest
 import torch
 from matplotlib.figure import Figure
 
-import branchnet.metrics as bm
 from branchnet.metrics import (
     accuracy,
     ancestor_set,
@@ -23,12 +21,6 @@ from branchnet.metrics import (
     per_class_table,
     plot_confusion,
 )
-
-
-def test_doctests() -> None:
-    result = doctest.testmod(bm, optionflags=doctest.ELLIPSIS)
-    assert result.attempted > 0 and result.failed == 0
-
 
 # --------------------------------------------------------------------------- hierarchical
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import doctest
 import itertools
 import math
 
@@ -14,7 +13,6 @@ from hypothesis import strategies as st
 from matplotlib.figure import Figure
 from scipy import stats
 
-import branchnet.selective as sel
 from branchnet.selective import (
     CONFIDENCE_KINDS,
     ORIGINAL_THRESHOLD,
@@ -28,12 +26,6 @@ from branchnet.selective import (
     selective_metrics,
     sgr_threshold,
 )
-
-
-def test_doctests() -> None:
-    result = doctest.testmod(sel, optionflags=doctest.ELLIPSIS)
-    assert result.attempted > 0 and result.failed == 0
-
 
 # --------------------------------------------------------------------------- confidence
 

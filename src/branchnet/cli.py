@@ -316,6 +316,17 @@ def cmd_analyze_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_fit_arguments(p: argparse.ArgumentParser, config_help: str, set_example: str) -> None:
+    """The arguments every ``... fit`` command shares (see :func:`_open_or_create_run`)."""
+    p.add_argument("config", nargs="?", help=config_help)
+    p.add_argument("--out", default="runs", help="folder for run folders (default: runs)")
+    p.add_argument("--resume", metavar="RUN", help="continue an interrupted run folder")
+    p.add_argument("--seed", type=int, help="override the config's seed")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help=f"override a config value, e.g. --set {set_example}")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="branchnet", description="Branched neural networks on PyTorch.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -328,14 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("tree", help="hierarchical branching").add_subparsers(dest="tree_cmd",
                                                                             required=True)
     f = t.add_parser("fit", help="fit a tree from a YAML config into a new run folder")
-    f.add_argument("config", nargs="?", help="experiment YAML (see configs/)")
-    f.add_argument("--out", default="runs", help="folder for run folders (default: runs)")
-    f.add_argument("--resume", metavar="RUN", help="continue an interrupted run folder")
-    f.add_argument("--seed", type=int, help="override the config's seed")
-    f.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set parent.train.epochs=5")
+    _add_fit_arguments(f, "experiment YAML (see configs/)", "parent.train.epochs=5")
     f.add_argument("--devices", type=int, help="train the parent with DDP on N CPU processes")
-    f.add_argument("--no-progress", action="store_true", help="no progress bars")
     f.set_defaults(func=cmd_tree_fit)
 
     e = t.add_parser("eval", help="evaluate a run's saved tree")
@@ -357,13 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("model", help="train and evaluate one plain classifier").add_subparsers(
         dest="model_cmd", required=True)
     mf = m.add_parser("fit", help="train a classifier from a YAML config into a new run folder")
-    mf.add_argument("config", nargs="?", help="classifier YAML (e.g. configs/specialization-cifar10.yaml)")
-    mf.add_argument("--out", default="runs", help="folder for run folders (default: runs)")
-    mf.add_argument("--resume", metavar="RUN", help="continue an interrupted run folder")
-    mf.add_argument("--seed", type=int, help="override the config's seed")
-    mf.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="override a config value, e.g. --set model.groups=1")
-    mf.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_fit_arguments(mf, "classifier YAML (e.g. configs/specialization-cifar10.yaml)",
+                       "model.groups=1")
     mf.set_defaults(func=cmd_model_fit)
 
     me = m.add_parser("eval", help="evaluate a run's saved classifier")
