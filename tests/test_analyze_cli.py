@@ -15,25 +15,13 @@ from branchnet.analysis import AnalysisError
 from branchnet.analysis.tree_branches import top_overlap_pvalue, tree_specialization
 from branchnet.data.dataset import Split
 from branchnet.tree import BranchTree
-from cli_helpers import run_cli, write_config
+from cli_helpers import DIGITS_CONFIG, run_cli, write_config
 
 ALEX = {
     "name": "alex", "seed": 0,
     "data": {"source": "digits", "val_fraction": 0.25, "test_fraction": 0.3, "max_per_class": 60},
     "model": {"kind": "alexnet", "groups": 2, "widths": [8, 12, 16], "hidden": 16},
     "train": {"epochs": 2, "batch_size": 32, "lr": 0.01},
-    "progress": False,
-}
-TREE = {
-    "name": "tiny", "seed": 0,
-    "data": {"source": "digits", "val_fraction": 0.3, "test_fraction": 0.2, "max_per_class": 60},
-    "hierarchy": {"round": ["0", "6", "8", "9"], "straight": ["1", "4", "7"],
-                  "curly": ["2", "3", "5"]},
-    "parent": {"model": {"kind": "mlp", "sizes": ["auto", 48, 32]}, "tap": "hidden.1",
-               "train": {"epochs": 4, "batch_size": 32, "lr": 0.01}},
-    "tree": {"head": {"hidden": 32, "dropout": 0.0},
-             "head_train": {"epochs": 4, "batch_size": 32, "lr": 0.01, "patience": None}},
-    "calibration": {"method": "coverage", "coverage": 0.8},
     "progress": False,
 }
 
@@ -84,7 +72,7 @@ def test_analyze_errors_are_clear(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_analyze_a_tree_run(tmp_path: Path) -> None:
-    run = fit_run(tmp_path, "tree", TREE)
+    run = fit_run(tmp_path, "tree", DIGITS_CONFIG)
     code, out, err = run_cli(["analyze", "specialization", str(run)])
     assert code == 0, err
     assert "round vs straight" in out and "zeroing round's top units" in out

@@ -21,21 +21,7 @@ import branchnet.engine as engine
 from branchnet.cli import main
 from branchnet.runs import Run
 from branchnet.tree import BranchTree
-from cli_helpers import run_cli, write_config
-
-DIGITS_CONFIG: dict[str, Any] = {
-    "name": "tiny",
-    "seed": 0,
-    "data": {"source": "digits", "val_fraction": 0.3, "test_fraction": 0.2, "max_per_class": 60},
-    "hierarchy": {"round": ["0", "6", "8", "9"], "straight": ["1", "4", "7"],
-                  "curly": ["2", "3", "5"]},
-    "parent": {"model": {"kind": "mlp", "sizes": ["auto", 48, 32]}, "tap": "hidden.1",
-               "train": {"epochs": 4, "batch_size": 32, "lr": 0.01}},
-    "tree": {"head": {"hidden": 32, "dropout": 0.0},
-             "head_train": {"epochs": 4, "batch_size": 32, "lr": 0.01, "patience": None}},
-    "calibration": {"method": "coverage", "coverage": 0.8},
-    "progress": False,
-}
+from cli_helpers import DIGITS_CONFIG, run_cli, write_config
 
 COLORS = {"red": (220, 30, 30), "yellow": (230, 220, 40), "blue": (30, 40, 220),
           "green": (30, 200, 40)}
