@@ -516,3 +516,29 @@ def test_ddp_two_processes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     last = load_checkpoint(tmp_path / "checkpoints" / "last.safetensors")
     assert last["history"] == result.history
     assert json.loads((tmp_path / "result.json").read_text())["epochs_run"] == 3
+
+
+def test_lr_schedules_set_per_epoch_rate(tmp_path):
+    seen = []
+
+    class Spy(L.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            seen.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    ds = TensorPairs(torch.randn(32, 4), torch.randint(0, 2, (32,)))
+    cfg = TrainConfig(epochs=4, batch_size=16, lr=0.1, lr_schedule="step", lr_milestones=[2],
+                      progress=False)
+    fit(torch.nn.Linear(4, 2), ds, None, cfg, workdir=tmp_path, callbacks=[Spy()])
+    assert seen == pytest.approx([0.1, 0.1, 0.01, 0.01])  # one chunk per epoch
+    cos = TrainConfig(epochs=4, lr=1.0, lr_schedule="cosine")
+    assert cos.lr_at(0) == 1.0 and cos.lr_at(2) == pytest.approx(0.5)
+    with pytest.raises(TrainingError, match="lr_schedule"):
+        TrainConfig(lr_schedule="linear")
+
+
+def test_score_fn_replaces_accuracy(tmp_path):
+    ds = TensorPairs(torch.randn(32, 4), torch.randint(0, 2, (32,)))
+    res = fit(torch.nn.Linear(4, 2), ds, ds, TrainConfig(epochs=1, batch_size=16, progress=False),
+              workdir=tmp_path, score_fn=lambda out, y: (torch.tensor(3.0), 4))
+    assert res.history[0]["train_acc"] == pytest.approx(0.75)
+    assert res.history[0]["val_acc"] == pytest.approx(0.75)

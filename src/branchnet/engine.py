@@ -41,6 +41,7 @@ from branchnet.checkpoint import SafetensorsCheckpointIO, load_checkpoint
 from branchnet.data.batches import make_loader
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
+LR_SCHEDULES = (None, "cosine", "step")
 _FUSED = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 4) or None
 
 
@@ -64,8 +65,15 @@ class TrainConfig:
     num_workers: int = 0
     progress: bool = True
     batches_per_step: int | None = None
+    lr_schedule: str | None = None
+    lr_milestones: list[int] = field(default_factory=list)
+    lr_gamma: float = 0.1
 
     def __post_init__(self) -> None:
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise TrainingError(
+                f"unknown lr_schedule {self.lr_schedule!r}; choose one of {list(LR_SCHEDULES)}"
+            )
         if self.optimizer not in OPTIMIZERS:
             raise TrainingError(
                 f"unknown optimizer {self.optimizer!r}; choose one of {list(OPTIMIZERS)}"
@@ -89,6 +97,27 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def lr_at(self, epoch: int) -> float:
+        """The learning rate of ``epoch`` (0-based): constant, cosine to 0 over ``epochs``, or
+        multiplied by ``lr_gamma`` at each of ``lr_milestones``.
+
+        >>> TrainConfig(lr=0.1, lr_schedule="step", lr_milestones=[2], epochs=4).lr_at(3)
+        0.010000000000000002
+        """
+        if self.lr_schedule == "cosine":
+            return self.lr * 0.5 * (1 + math.cos(math.pi * epoch / self.epochs))
+        if self.lr_schedule == "step":
+            return self.lr * self.lr_gamma ** sum(epoch >= m for m in self.lr_milestones)
+        return self.lr
+
+
+Scorer = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, int]]
+
+
+def argmax_score(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Correct predictions and their count: ``argmax`` over the last dimension against ``y``."""
+    return (logits.argmax(-1) == y).sum(), y.numel()
 
 
 @dataclass
@@ -117,12 +146,14 @@ class ClassifierModule(L.LightningModule):
     """
 
     def __init__(self, model: nn.Module, cfg: TrainConfig,
-                 loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None):
+                 loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+                 score_fn: Scorer | None = None):
         super().__init__()
         self.automatic_optimization = False
         self.model = model
         self.cfg = cfg
         self.loss_fn = loss_fn or F.cross_entropy
+        self.score_fn = score_fn or argmax_score
         self._sums: dict[str, torch.Tensor] = {}
         self.history: list[dict[str, float]] = []
         self.csv_path: Path | None = None
@@ -139,10 +170,12 @@ class ClassifierModule(L.LightningModule):
                 f"learning rate (lr={self.cfg.lr}) or check the inputs for NaN/inf. "
                 "Checkpoints of earlier epochs are kept."
             )
-        s = self._sums.setdefault(stage, torch.zeros(3))
+        correct, count = self.score_fn(logits.detach(), y)
+        s = self._sums.setdefault(stage, torch.zeros(4))
         s[0] += loss.detach() * len(y)
-        s[1] += (logits.argmax(1) == y).sum()
-        s[2] += len(y)
+        s[1] += correct
+        s[2] += count
+        s[3] += len(y)
         return loss
 
     def training_step(self, batch: Any, batch_idx: int) -> None:
@@ -166,8 +199,8 @@ class ClassifierModule(L.LightningModule):
             if sums is None:
                 continue
             sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
-            n = max(float(sums[2]), 1.0)
-            row[f"{stage}_loss"], row[f"{stage}_acc"] = float(sums[0]) / n, float(sums[1]) / n
+            row[f"{stage}_loss"] = float(sums[0]) / max(float(sums[3]), 1.0)
+            row[f"{stage}_acc"] = float(sums[1]) / max(float(sums[2]), 1.0)
             self.log(f"{stage}_loss", row[f"{stage}_loss"], prog_bar=stage == "val")
             self.log(f"{stage}_acc", row[f"{stage}_acc"], prog_bar=stage == "val")
         self.history.append(row)
@@ -179,6 +212,11 @@ class ClassifierModule(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         if not self.trainer.sanity_checking:
             self._end_epoch()
+
+    def on_train_epoch_start(self) -> None:
+        # set, not stepped: the rate depends on the epoch alone, so a resumed run matches
+        for group in self.optimizers().optimizer.param_groups:
+            group["lr"] = self.cfg.lr_at(self.current_epoch)
 
     def on_train_epoch_end(self) -> None:
         if "train" in self._sums:
@@ -246,6 +284,8 @@ def fit(
     workdir: str | Path,
     resume: bool = False,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    score_fn: Scorer | None = None,
+    callbacks: list[L.Callback] | None = None,
     description: str = "",
 ) -> FitResult:
     """Train ``model`` in place; with ``val`` and ``cfg.patience``, stop early and restore the best.
@@ -253,6 +293,11 @@ def fit(
     ``workdir`` receives ``checkpoints/last.safetensors`` (every epoch), ``checkpoints/best-*``,
     ``metrics.csv`` and ``result.json``. With ``resume=True`` training continues from
     ``last.safetensors``; a finished run (``result.json`` present) is not trained again.
+
+    ``loss_fn(output, y)`` replaces cross-entropy; ``score_fn(output, y) -> (correct, count)``
+    replaces argmax accuracy (for models whose output is not ``(batch, classes)``). Extra
+    Lightning ``callbacks`` run with the engine's own; their ``state_dict`` goes into every
+    checkpoint (tensors included), so they resume too.
     """
     _quiet_lightning()
     workdir = Path(workdir)
@@ -273,7 +318,7 @@ def fit(
         )
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    module = ClassifierModule(model, cfg, loss_fn)
+    module = ClassifierModule(model, cfg, loss_fn, score_fn)
     module.csv_path = workdir / "metrics.csv"
     monitor = "val_loss" if val is not None else None
     checkpoint = _SafeCheckpoint(
@@ -283,9 +328,10 @@ def fit(
     # after `checkpoint`, so that last.safetensors holds its updated best-model state
     last_checkpoint = _LastCheckpoint(dirpath=ckpt_dir, filename="last", monitor=None,
                                       save_top_k=1, enable_version_counter=False)
-    callbacks: list[L.Callback] = [checkpoint, last_checkpoint]
+    # user callbacks first: their state must be current when the checkpoints are written
+    all_callbacks: list[L.Callback] = [*(callbacks or []), checkpoint, last_checkpoint]
     if monitor and cfg.patience:
-        callbacks.append(EarlyStopping(monitor=monitor, patience=cfg.patience, mode="min"))
+        all_callbacks.append(EarlyStopping(monitor=monitor, patience=cfg.patience, mode="min"))
     strategy: Any = "auto"
     if cfg.devices > 1:
         strategy = DDPStrategy(start_method="spawn", process_group_backend="gloo")
@@ -295,7 +341,7 @@ def fit(
         devices=cfg.devices,
         strategy=strategy,
         plugins=[SafetensorsCheckpointIO()],
-        callbacks=callbacks,
+        callbacks=all_callbacks,
         logger=False,
         enable_progress_bar=cfg.progress,
         enable_model_summary=False,
