@@ -77,12 +77,21 @@ class EpochShuffle(Sampler[int]):
 def make_loader(dataset: Dataset, batch_size: int, shuffle: bool = False,
                 num_workers: int = 0, seed: int = 0) -> DataLoader:
     """A DataLoader that fetches whole batches through ``__getitems__`` when available;
-    shuffling is reproducible per epoch (:class:`EpochShuffle`)."""
+    shuffling is reproducible per epoch (:class:`EpochShuffle`).
+
+    A dataset that needs its own order when shuffled (P x K batches, one stream per branch)
+    provides ``make_sampler(seed) -> Sampler`` with ``set_epoch``; its indices (any objects)
+    are handed to ``__getitems__`` as they come, ``batch_size`` at a time.
+    """
     batched = hasattr(dataset, "__getitems__")
+    sampler: Sampler | None = None
+    if shuffle:
+        make = getattr(dataset, "make_sampler", None)
+        sampler = make(seed) if make is not None else EpochShuffle(len(dataset), seed)
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        sampler=EpochShuffle(len(dataset), seed) if shuffle else None,
+        sampler=sampler,
         num_workers=num_workers,
         collate_fn=collate_batch if batched else None,
         persistent_workers=num_workers > 0,
