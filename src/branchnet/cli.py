@@ -11,6 +11,11 @@
     branchnet model fit CONFIG [--set k=v]   train one classifier -> a new run folder
     branchnet model fit --resume RUN         continue an interrupted classifier run
     branchnet model eval RUN [--split test]  re-evaluate a run's saved classifier
+    branchnet vbranch fit CONFIG [--set k=v] train a K-branch virtual ensemble -> a run folder
+    branchnet vbranch eval RUN [--split test] re-evaluate a run's saved ensemble
+    branchnet vbranch oneshot --runs DIR --run RUN   20-way one-shot accuracy of an embedding run
+    branchnet vbranch sweep CONFIG ...       K x shared_frac x bagging x seeds, then compare
+    branchnet vbranch compare RUN [RUN ...]  mean ± std per setting, with independent ensembles
 """
 
 from __future__ import annotations
@@ -316,6 +321,96 @@ def cmd_analyze_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_vbranch_fit(args: argparse.Namespace) -> int:
+    from branchnet.virtual.experiment import load_vbranch_config, run_vbranch
+
+    run, cfg, config_dir = _open_or_create_run(args, load_vbranch_config, "vbranch")
+    run_vbranch(cfg, run, resume=bool(args.resume), config_dir=config_dir)
+    print(f"\nrun folder: {run.path}  (report.html, metrics.json, figures/, model/)")
+    return 0
+
+
+def cmd_vbranch_eval(args: argparse.Namespace) -> int:
+    from branchnet.config import load_data
+    from branchnet.runs import Run
+    from branchnet.virtual.experiment import (evaluate_classifier, load_vbranch_config,
+                                              load_vrun_model, summary_text)
+
+    run = Run.open(args.run)
+    model, meta = load_vrun_model(run.path)
+    cfg = load_vbranch_config(run.path / "config.yaml")
+    if cfg["task"] != "classify":
+        raise SystemExit("branchnet vbranch eval: an embedding run is evaluated with "
+                         f"branchnet vbranch oneshot --runs DIR --run {run.path}")
+    cfg["progress"] = False
+    data = load_data(cfg)
+    if data.classes != meta["classes"]:
+        raise SystemExit(f"branchnet vbranch eval: the data's classes {data.classes} differ from "
+                         f"the saved model's {meta['classes']}")
+    split = data.splits()[args.split]
+    test = evaluate_classifier(model, split.x, split.y)
+    result = {"task": "classify", "split": args.split, "branches": model.spec["branches"],
+              "shared_frac": model.spec.get("shared_frac"), "merge": cfg["merge"],
+              "bagging": cfg["bagging"], "parameters": meta.get("parameters"), "test": test}
+    name = f"eval-{args.split}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run.write_metrics(result, f"{name}.json")
+    print(summary_text(result))
+    print(f"metrics written to {run.path / (name + '.json')}")
+    return 0
+
+
+def cmd_vbranch_oneshot(args: argparse.Namespace) -> int:
+    from branchnet.metrics import format_table
+    from branchnet.virtual.embedding_experiment import oneshot_of_run
+
+    res = oneshot_of_run(args.run, args.runs)
+    rows = [{"embedding": "ensemble (concatenated)", "accuracy": res["ensemble"]["accuracy"]}]
+    rows += [{"embedding": f"branch {k}", "accuracy": a["accuracy"]}
+             for k, a in enumerate(res["branches"])]
+    print(format_table(rows))
+    print(f"\n{res['ways']}-way one-shot accuracy {res['ensemble']['accuracy']:.4f} over "
+          f"{res['ensemble']['n_trials']} trials in {res['n_runs']} runs")
+    return 0
+
+
+def cmd_vbranch_sweep(args: argparse.Namespace) -> int:
+    from branchnet.runs import Run
+    from branchnet.virtual.compare import compare_vruns, sweep_grid
+    from branchnet.virtual.experiment import load_vbranch_config, run_vbranch
+
+    base = load_vbranch_config(args.config, args.set)
+    config_dir = Path(args.config).resolve().parent
+    root = Path(args.out) / base["name"]
+    done = []
+    grid = sweep_grid(args.branches, args.shared, args.bagging, args.seeds)
+    for i, g in enumerate(grid):
+        cfg = json.loads(json.dumps(base))
+        cfg["model"].update(branches=g["branches"], shared_frac=g["shared_frac"])
+        cfg["bagging"]["mode"] = g["bagging"]
+        cfg["seed"] = g["seed"]
+        cfg["progress"] = False
+        name = f"K{g['branches']}-s{g['shared_frac']}-{g['bagging']}-seed{g['seed']}"
+        path = root / name
+        if (path / "metrics.json").is_file():
+            done.append(path)
+            continue
+        print(f"[{i + 1}/{len(grid)}] {name}", flush=True)
+        resume = (path / "config.yaml").is_file()
+        run = Run.open(path) if resume else Run(path)
+        path.mkdir(parents=True, exist_ok=True)
+        run_vbranch(cfg, run, resume=resume, config_dir=config_dir, quiet=True)
+        done.append(path)
+    print(compare_vruns(done))
+    return 0
+
+
+def cmd_vbranch_compare(args: argparse.Namespace) -> int:
+    from branchnet.virtual.compare import compare_vruns
+
+    print(compare_vruns(args.runs))
+    return 0
+
+
 def _add_fit_arguments(p: argparse.ArgumentParser, config_help: str, set_example: str) -> None:
     """The arguments every ``... fit`` command shares (see :func:`_open_or_create_run`)."""
     p.add_argument("config", nargs="?", help=config_help)
@@ -371,6 +466,35 @@ def build_parser() -> argparse.ArgumentParser:
     me.add_argument("--split", default="test", choices=["train", "val", "test"])
     me.set_defaults(func=cmd_model_eval)
 
+    v = sub.add_parser("vbranch", help="virtual branching: K-branch ensembles in one network"
+                       ).add_subparsers(dest="vbranch_cmd", required=True)
+    vf = v.add_parser("fit", help="train a virtual-branch ensemble from a YAML config")
+    _add_fit_arguments(vf, "vbranch YAML (see configs/vbranch-*.yaml)", "model.shared_frac=0.25")
+    vf.set_defaults(func=cmd_vbranch_fit)
+    ve = v.add_parser("eval", help="evaluate a run's saved ensemble (every branch, both merges)")
+    ve.add_argument("run")
+    ve.add_argument("--split", default="test", choices=["train", "val", "test"])
+    ve.set_defaults(func=cmd_vbranch_eval)
+    vo = v.add_parser("oneshot", help="20-way one-shot accuracy of a trained embedding run")
+    vo.add_argument("--runs", required=True,
+                    help="folder of one-shot runs (run01/class_labels.txt, training/, test/)")
+    vo.add_argument("--run", required=True, help="an embedding run (task: embed)")
+    vo.set_defaults(func=cmd_vbranch_oneshot)
+    vs = v.add_parser("sweep", help="a grid of branches x shared_frac x bagging x seeds, then "
+                                     "the comparison table (finished runs are reused)")
+    vs.add_argument("config")
+    vs.add_argument("--out", default="runs")
+    vs.add_argument("--branches", type=int, nargs="+", default=[1, 2, 4])
+    vs.add_argument("--shared", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0])
+    vs.add_argument("--bagging", nargs="+", default=["none", "bootstrap"])
+    vs.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    vs.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    vs.set_defaults(func=cmd_vbranch_sweep)
+    vc = v.add_parser("compare", help="mean ± std per setting over finished runs, with "
+                                      "independent ensembles built from single-branch runs")
+    vc.add_argument("runs", nargs="+")
+    vc.set_defaults(func=cmd_vbranch_compare)
+
     an = sub.add_parser("analyze", help="analyses of trained runs").add_subparsers(
         dest="analyze_cmd", required=True)
     sp = an.add_parser("specialization",
@@ -405,11 +529,12 @@ def main(argv: list[str] | None = None) -> int:
     from branchnet.runs import RunError
     from branchnet.taps import TapError
     from branchnet.tree.tree import TreeError
+    from branchnet.virtual.experiment import VBranchError
 
     try:
         return int(args.func(args) or 0)
     except (DataError, TreeError, TrainingError, CheckpointError, CacheError, RunError,
-            TapError, ClassifierError, AnalysisError, ConfigError) as e:
+            TapError, ClassifierError, AnalysisError, ConfigError, VBranchError) as e:
         print(f"branchnet: error: {e}", file=sys.stderr)
         return 2
 

@@ -32,7 +32,7 @@ class ConfigError(ValueError):
 DATA_DEFAULTS: dict[str, Any] = {
     "source": "digits", "classes": None, "normalize": None, "val_fraction": 0.1,
     "test_fraction": 0.2, "max_per_class": None, "image_size": None, "label_set": "fine",
-    "cache_dir": None,
+    "cache_dir": None, "split_seed": None,
 }
 
 # values that are whole user-defined structures, not sections with fixed keys
@@ -103,6 +103,9 @@ def resolve_paths(cfg: dict[str, Any], config_dir: Path | None) -> dict[str, Any
         cfg["hierarchy"] = absolute(cfg["hierarchy"])
     if "parent" in cfg:
         cfg["parent"]["weights"] = absolute(cfg["parent"]["weights"])
+    if "embedding" in cfg:  # vbranch embedding runs
+        cfg["embedding"]["train"] = [absolute(p) for p in cfg["embedding"]["train"] or []]
+        cfg["embedding"]["runs"] = absolute(cfg["embedding"]["runs"])
     return cfg
 
 
@@ -110,6 +113,7 @@ def load_data(cfg: dict[str, Any], config_dir: Path | None = None) -> Data:
     d = cfg["data"]
     return load(resolve_source(str(d["source"]), config_dir), classes=d["classes"],
                 val_fraction=d["val_fraction"], test_fraction=d["test_fraction"],
-                seed=cfg["seed"], normalize=d["normalize"], image_size=d["image_size"],
+                seed=cfg["seed"] if d.get("split_seed") is None else d["split_seed"],
+                normalize=d["normalize"], image_size=d["image_size"],
                 max_per_class=d["max_per_class"], label_set=d["label_set"],
                 cache_dir=d["cache_dir"], progress=cfg["progress"])

@@ -1,0 +1,131 @@
+"""Tables over many virtual-branch runs: mean ± std over seeds, and independent ensembles.
+
+``branchnet vbranch compare RUN ...`` groups finished runs by (branches, shared_frac,
+bagging) and prints mean ± std of every summary column. Single-branch runs (K = 1, the plain
+baseline) of different seeds are also combined into **independent ensembles** of each K that
+appears among the runs: their saved test outputs (``predictions.safetensors``) are merged
+exactly like a virtual ensemble's, so both kinds of ensemble are scored by the same code.
+Seeds are taken in order, ``K`` at a time, without reuse: 12 single runs give three
+independent 4-ensembles.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors.torch import load_file
+
+from branchnet.analysis.diversity import ensemble_report
+from branchnet.metrics import format_table
+from branchnet.runs import Run
+from branchnet.virtual.merge import branch_probs, merge_probs
+
+__all__ = ["compare_vruns", "independent_ensembles", "mean_std_rows"]
+
+_KEYS = ("branches", "shared_frac", "bagging")
+
+
+def _row(run: Run) -> tuple[dict[str, Any], dict[str, Any]]:
+    from branchnet.virtual.experiment import summary_row
+
+    result = run.read_metrics()
+    return summary_row(result), result
+
+
+def mean_std_rows(rows: list[dict[str, Any]], keys: tuple[str, ...] = _KEYS) -> list[dict[str, Any]]:
+    """Group ``rows`` by ``keys``; numbers become ``"mean ± std"`` strings, with the count ``n``."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault(tuple(str(r.get(k)) for k in keys), []).append(r)
+    out = []
+    for key, members in sorted(groups.items(), key=lambda kv: [_sortable(v) for v in kv[0]]):
+        row: dict[str, Any] = dict(zip(keys, key, strict=True))
+        row["n"] = len(members)
+        for col in members[0]:
+            if col in keys:
+                continue
+            vals = [m[col] for m in members if isinstance(m.get(col), (int, float))
+                    and m[col] is not None and math.isfinite(m[col])]
+            if not vals:
+                continue
+            if col == "parameters":
+                row[col] = f"{int(np.mean(vals)):,}"
+            else:
+                row[col] = (f"{np.mean(vals):.4f} ± {np.std(vals, ddof=1):.4f}" if len(vals) > 1
+                            else f"{vals[0]:.4f}")
+        out.append(row)
+    return out
+
+
+def _sortable(v: str) -> tuple[int, Any]:
+    try:
+        return (0, float(v))
+    except ValueError:
+        return (1, v)
+
+
+def independent_ensembles(singles: list[tuple[dict[str, Any], Path]], sizes: list[int],
+                          merge: str = "before_mean") -> list[dict[str, Any]]:
+    """Rows for independent ensembles of each size in ``sizes``, built from single-branch runs
+    (``(metrics, run path)`` pairs) taken ``K`` at a time in seed order."""
+    singles = sorted(singles, key=lambda s: s[0].get("seed", 0))
+    preds = []
+    for result, path in singles:
+        f = path / "predictions.safetensors"
+        if f.is_file():
+            preds.append((result, load_file(str(f))))
+    rows = []
+    for k in sorted(set(sizes)):
+        if k < 2:
+            continue
+        for i in range(len(preds) // k):
+            group = preds[i * k:(i + 1) * k]
+            ys = [g[1]["y"] for g in group]
+            if any(not (y == ys[0]).all() for y in ys[1:]):
+                continue  # different test splits: not comparable
+            import torch
+
+            out = torch.cat([g[1]["outputs"] for g in group], dim=1)  # (N, K, C)
+            rep = ensemble_report(branch_probs(out), ys[0], merge_probs(out, merge))
+            rows.append({"branches": k, "shared_frac": "independent", "bagging": "none",
+                         "accuracy": rep["ensemble"]["accuracy"],
+                         "branch_accuracy": rep["branch_mean"]["accuracy"],
+                         "nll": rep["ensemble"]["nll"], "ece": rep["ensemble"]["ece"],
+                         "strength": rep["diversity"]["strength"],
+                         "correlation": rep["diversity"]["correlation"],
+                         "disagreement": rep["diversity"]["disagreement"],
+                         "parameters": sum(g[0]["parameters"] for g in group)})
+    return rows
+
+
+def compare_vruns(run_dirs: list[str | Path]) -> str:
+    """A markdown table of mean ± std per (branches, shared_frac, bagging), with independent
+    ensembles made of the single-branch runs."""
+    rows, singles = [], []
+    for d in run_dirs:
+        run = Run.open(d)
+        row, result = _row(run)
+        rows.append(row)
+        if result.get("task") == "classify" and result["branches"] == 1:
+            singles.append(({**result, "seed": run.read_config().get("seed", 0)}, run.path))
+    ks = sorted({r["branches"] for r in rows if r["branches"] > 1})
+    rows += independent_ensembles(singles, ks)
+    table = mean_std_rows(rows)
+    return format_table(table, floatfmt=".4f") if table else "no finished runs"
+
+
+def sweep_grid(branches: list[int], shared: list[float], bagging: list[str],
+               seeds: list[int]) -> list[dict[str, Any]]:
+    """The settings of a sweep: every (K, s, bagging, seed) with K > 1, and for K = 1 (where s
+    and bagging do not matter) enough seeds to form independent ensembles of every K."""
+    grid = [{"branches": k, "shared_frac": s, "bagging": b, "seed": seed}
+            for k, s, b, seed in itertools.product(branches, shared, bagging, seeds) if k > 1]
+    if 1 in branches:
+        n_single = max([k for k in branches] + [1]) * len(seeds)
+        grid = [{"branches": 1, "shared_frac": 0.0, "bagging": "none", "seed": s}
+                for s in range(n_single)] + grid
+    return grid
