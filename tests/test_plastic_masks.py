@@ -72,7 +72,7 @@ def test_include_exclude_patterns() -> None:
 def test_no_prunable_layer_names_the_model_and_rule() -> None:
     with pytest.raises(SparsityError, match=r"BatchNorm1d has no prunable weight.*ndim >= 2.*'weight'"):
         find_prunable(nn.BatchNorm1d(4))
-    with pytest.raises(SparsityError, match="Sequential has no prunable weight.*include=\\['nothing'\\]"):
+    with pytest.raises(SparsityError, match=r"Sequential has no prunable weight.*include=\['nothing'\]"):
         find_prunable(mixed_net(), include=["nothing"])
 
 
@@ -97,7 +97,7 @@ def test_density_outside_unit_interval_is_rejected(bad: float) -> None:
 
 
 def test_unknown_distribution_and_unknown_dense_layer() -> None:
-    with pytest.raises(SparsityError, match="'erdos'.*uniform"):
+    with pytest.raises(SparsityError, match=r"'erdos'.*uniform"):
         layer_densities({"a": (4, 4)}, 0.5, "erdos")
     with pytest.raises(SparsityError, match="'b'"):
         layer_densities({"a": (4, 4)}, 0.5, dense={"b"})

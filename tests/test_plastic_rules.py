@@ -69,8 +69,8 @@ def test_rules_keep_counts_and_drop_grow_semantics(n: int, density: float, alpha
     # the magnitude drop set: the k smallest |w| among active (dropped-for-good plus regrown)
     drop_set = u.dropped | u.regrown
     assert int(drop_set.sum()) == k and not (drop_set & ~mask).any()
-    if k:
-        assert w[drop_set].abs().max() <= w[mask & ~drop_set].abs().min() if (mask & ~drop_set).any() else True
+    if k and (mask & ~drop_set).any():
+        assert w[drop_set].abs().max() <= w[mask & ~drop_set].abs().min()
     grow_set = u.grown | u.regrown
     assert int(grow_set.sum()) == k
     if rule != "set" and k:
@@ -344,7 +344,7 @@ def test_state_round_trips_through_a_safetensors_checkpoint(tmp_path: Path) -> N
     assert all(torch.equal(other.masks[n], cb.masks[n]) for n in cb.masks)
     assert torch.equal(other._generator.get_state(), cb._generator.get_state())
     assert torch.equal(other._moments["0.weight"]["v"], cb._moments["0.weight"]["v"])
-    with pytest.raises(SparsityError, match="rule='snfs'.*rule='rigl'"):
+    with pytest.raises(SparsityError, match=r"rule='snfs'.*rule='rigl'"):
         DynamicSparsity("rigl", 0.3).load_state_dict(cb.state_dict())
 
 
@@ -391,7 +391,7 @@ def test_engine_fit_with_rigl_keeps_exact_density(tmp_path: Path) -> None:
     cfg = TrainConfig(epochs=2, batch_size=16, batches_per_step=3, progress=False, optimizer="adam",
                       weight_decay=1e-3)
     net = mlp()
-    fit(net, digits_like(), None, cfg, workdir=tmp_path, callbacks=[cb, checker])
+    result = fit(net, digits_like(), digits_like(40, seed=1), cfg, workdir=tmp_path, callbacks=[cb, checker])
     steps = 2 * math.ceil(150 / 16)  # the engine steps once per minibatch, 3 per Lightning batch
     assert cb.planned_steps == steps and cb.step == steps and checker.checked == steps
     assert cb.t_end_step == int(0.75 * steps) and cb.n_updates == checker.updates == 5
@@ -400,6 +400,14 @@ def test_engine_fit_with_rigl_keeps_exact_density(tmp_path: Path) -> None:
     assert [r["epoch"] for r in cb.history] == [0, 1]
     assert cb.flops is not None and cb.flops["rule"] == "rigl" and 0 < cb.flops["train_ratio"] < 1
     assert cb.flops["train_total"] == pytest.approx(cb.flops["train_step"] * steps * 16)
+    summary = cb.summary()
+    assert summary["n_updates"] == 5 and summary["flops"] == cb.flops and len(summary["history"]) == 2
+    assert cb.flops_summary()["update_seconds"] == cb.update_seconds > 0
+    # fit restored the best epoch's weights: that epoch's masks come from its checkpoint
+    best = cb.load_masks(result.best_checkpoint)
+    for name, p in best.parameters(net).items():
+        assert torch.all(p[~best[name]] == 0)
+    assert best.active_counts() == cb.masks.active_counts()
 
 
 class AutoModule(L.LightningModule):
@@ -474,3 +482,28 @@ def test_resume_is_bit_identical(tmp_path: Path, rule: str) -> None:
         assert torch.equal(p, resumed_net.state_dict()[name]), name
     assert all(torch.equal(ref.masks[n].cpu(), resumed.masks[n].cpu()) for n in ref.masks)
     assert [r["step"] for r in resumed.history] == [7, 14]
+
+
+def test_rigl_on_a_virtual_branch_model() -> None:
+    models = pytest.importorskip("branchnet.virtual.models")
+    torch.manual_seed(0)
+    net = models.vmlp([12, 16], 3, branches=2, shared_frac=0.5)
+    cb = DynamicSparsity("rigl", 0.3, "erk", delta_t=2, total_steps=6)
+    holder = Holder(net)
+    opt = make_optimizer("adam", net.parameters())
+    trainer = SimpleNamespace(optimizers=[opt], lightning_module=holder)
+    cb.on_fit_start(trainer, holder)
+    cb.on_train_start(trainer, holder)
+    assert any(n.endswith("weight_uu") for n in cb.masks) and not any("bn" in n for n in cb.masks)
+    check = Invariants(cb, net, opt)
+    for _ in range(6):
+        x, y = torch.randn(8, 12), torch.randint(0, 3, (8,))
+        opt.zero_grad(set_to_none=True)
+        out = net(x)  # (B, K, classes)
+        F.cross_entropy(out.flatten(0, 1), y.repeat_interleave(2)).backward()
+        cb.on_before_optimizer_step(trainer, holder, opt)
+        check.before()
+        opt.step()
+    cb.teardown(trainer, holder, "fit")
+    check.handle.remove()
+    assert check.checked == 6 and check.updates == 2 and check.skipped == 2  # steps 0 and 2 (t_end 4)

@@ -16,6 +16,8 @@
     branchnet vbranch oneshot --runs DIR --run RUN   20-way one-shot accuracy of an embedding run
     branchnet vbranch sweep CONFIG ...       K x shared_frac x bagging x seeds, then compare
     branchnet vbranch compare RUN [RUN ...]  mean ± std per setting, with independent ensembles
+    branchnet plastic fit CONFIG [--set k=v] dynamic sparse training or plastic residual paths
+    branchnet plastic compare RUN [RUN ...]  mean ± std per rule and density (or path mode)
 """
 
 from __future__ import annotations
@@ -333,8 +335,12 @@ def cmd_vbranch_fit(args: argparse.Namespace) -> int:
 def cmd_vbranch_eval(args: argparse.Namespace) -> int:
     from branchnet.config import load_data
     from branchnet.runs import Run
-    from branchnet.virtual.experiment import (evaluate_classifier, load_vbranch_config,
-                                              load_vrun_model, summary_text)
+    from branchnet.virtual.experiment import (
+        evaluate_classifier,
+        load_vbranch_config,
+        load_vrun_model,
+        summary_text,
+    )
 
     run = Run.open(args.run)
     model, meta = load_vrun_model(run.path)
@@ -408,6 +414,22 @@ def cmd_vbranch_compare(args: argparse.Namespace) -> int:
     from branchnet.virtual.compare import compare_vruns
 
     print(compare_vruns(args.runs))
+    return 0
+
+
+def cmd_plastic_fit(args: argparse.Namespace) -> int:
+    from branchnet.plastic.experiment import load_plastic_config, run_plastic
+
+    run, cfg, config_dir = _open_or_create_run(args, load_plastic_config, "plastic")
+    run_plastic(cfg, run, resume=bool(args.resume), config_dir=config_dir)
+    print(f"\nrun folder: {run.path}  (report.html, metrics.json, figures/, model/)")
+    return 0
+
+
+def cmd_plastic_compare(args: argparse.Namespace) -> int:
+    from branchnet.plastic.experiment import compare_plastic
+
+    print(compare_plastic(args.runs))
     return 0
 
 
@@ -495,6 +517,15 @@ def build_parser() -> argparse.ArgumentParser:
     vc.add_argument("runs", nargs="+")
     vc.set_defaults(func=cmd_vbranch_compare)
 
+    pl = sub.add_parser("plastic", help="plasticity: dynamic sparse training, plastic paths"
+                        ).add_subparsers(dest="plastic_cmd", required=True)
+    pf = pl.add_parser("fit", help="train one sparse or path-plastic network from a YAML config")
+    _add_fit_arguments(pf, "plastic YAML (see configs/plastic-*.yaml)", "sparsity.density=0.05")
+    pf.set_defaults(func=cmd_plastic_fit)
+    pc = pl.add_parser("compare", help="mean ± std per rule and density (or path mode)")
+    pc.add_argument("runs", nargs="+")
+    pc.set_defaults(func=cmd_plastic_compare)
+
     an = sub.add_parser("analyze", help="analyses of trained runs").add_subparsers(
         dest="analyze_cmd", required=True)
     sp = an.add_parser("specialization",
@@ -526,6 +557,7 @@ def main(argv: list[str] | None = None) -> int:
     from branchnet.config import ConfigError
     from branchnet.data import DataError
     from branchnet.engine import TrainingError
+    from branchnet.plastic.masks import SparsityError
     from branchnet.runs import RunError
     from branchnet.taps import TapError
     from branchnet.tree.tree import TreeError
@@ -534,7 +566,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except (DataError, TreeError, TrainingError, CheckpointError, CacheError, RunError,
-            TapError, ClassifierError, AnalysisError, ConfigError, VBranchError) as e:
+            TapError, ClassifierError, AnalysisError, ConfigError, VBranchError,
+            SparsityError) as e:
         print(f"branchnet: error: {e}", file=sys.stderr)
         return 2
 

@@ -423,3 +423,39 @@ def plot_confusion(
                 fontsize=8,
             )
     return fig
+
+
+def mean_std_rows(rows: Sequence[Mapping[str, Any]], keys: Sequence[str]) -> list[dict[str, Any]]:
+    """Group ``rows`` by ``keys``; numbers become ``"mean ± std"`` strings, with the count ``n``.
+
+    >>> mean_std_rows([{"k": 1, "acc": 0.5}, {"k": 1, "acc": 0.7}], ["k"])
+    [{'k': '1', 'n': 2, 'acc': '0.6000 ± 0.1414'}]
+    """
+    groups: dict[tuple, list[Mapping[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault(tuple(str(r.get(k)) for k in keys), []).append(r)
+    out = []
+    for key, members in sorted(groups.items(), key=lambda kv: [_sortable(v) for v in kv[0]]):
+        row: dict[str, Any] = dict(zip(keys, key, strict=True))
+        row["n"] = len(members)
+        for col in members[0]:
+            if col in keys:
+                continue
+            vals = [m[col] for m in members if isinstance(m.get(col), (int, float))
+                    and m[col] is not None and math.isfinite(m[col])]
+            if not vals:
+                continue
+            if col == "parameters":
+                row[col] = f"{int(np.mean(vals)):,}"
+            else:
+                row[col] = (f"{np.mean(vals):.4f} ± {np.std(vals, ddof=1):.4f}" if len(vals) > 1
+                            else f"{vals[0]:.4f}")
+        out.append(row)
+    return out
+
+
+def _sortable(v: str) -> tuple[int, Any]:
+    try:
+        return (0, float(v))
+    except ValueError:
+        return (1, v)

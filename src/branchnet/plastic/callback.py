@@ -45,7 +45,9 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -91,10 +93,12 @@ class DynamicSparsity(L.Callback):
         target: the module to sparsify: ``"auto"`` (``pl_module.model`` if present, else the
             LightningModule), ``None`` (the LightningModule) or a submodule path of it.
 
-    After (or during) training: ``masks``, ``step``, ``n_updates``, ``update_seconds``,
-    ``history`` (per epoch: step, density, updates), ``layer_flops`` and ``flops`` (a
-    :func:`~branchnet.plastic.flops.summarize_flops` dict), ``last_update`` (the latest
-    :class:`~branchnet.plastic.rules.MaskUpdate` per layer).
+    After (or during) training: ``masks``, ``step``, ``n_updates``, ``update_seconds`` (time in
+    mask updates only), ``history`` (per epoch: step, density, updates), ``layer_flops`` and
+    ``flops`` (a :func:`~branchnet.plastic.flops.summarize_flops` dict, counted on the first
+    batch), ``last_update`` (the latest :class:`~branchnet.plastic.rules.MaskUpdate` per layer),
+    :meth:`summary` for reports. When ``fit`` restores the best epoch's weights (early stopping),
+    :meth:`load_masks` reads that epoch's masks from its checkpoint.
     """
 
     def __init__(
@@ -299,16 +303,47 @@ class DynamicSparsity(L.Callback):
     def _count_flops(self, pl_module: L.LightningModule, x: Any) -> None:
         assert self.masks is not None
         model = self._model(pl_module)
-        self.layer_flops = layer_flops(model, x, list(self.masks))
+        try:
+            self.layer_flops = layer_flops(model, x, list(self.masks))
+        except (RuntimeError, ValueError, TypeError, IndexError) as e:
+            # FLOPs are for the report: a model that cannot run this probe must still train
+            warnings.warn(f"DynamicSparsity could not count FLOPs of {type(model).__name__} on an input "
+                          f"of shape {tuple(getattr(x, 'shape', ()))}: {e}; pass example_input",
+                          stacklevel=2)
+            self.flops = {}
+            return
         self.flops = summarize_flops(self.layer_flops, self.masks.densities(),
                                      self.rule, self.delta_t, steps=self.planned_steps,
                                      batch_size=self._batch_size)
 
     def flops_summary(self) -> dict[str, Any] | None:
-        """The FLOP summary with the update time: ``flops`` plus ``update_seconds``, ``n_updates``."""
+        """``flops`` plus ``update_seconds`` and ``n_updates``; ``None`` before FLOPs were counted."""
         if self.flops is None:
             return None
         return {**self.flops, "update_seconds": self.update_seconds, "n_updates": self.n_updates}
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-ready facts for a run report: settings, per-layer and overall density, FLOPs
+        (``flops``; empty before the first batch), mask-update count and seconds, history."""
+        return {
+            "rule": self.rule, "density": self.density, "distribution": self.distribution,
+            "delta_t": self.delta_t, "t_end_step": self.t_end_step, "alpha": self.alpha,
+            "alpha_schedule": self.alpha_schedule, "steps": self.step, "planned_steps": self.planned_steps,
+            "n_updates": self.n_updates, "update_seconds": self.update_seconds,
+            "overall_density": None if self.masks is None else self.masks.density(),
+            "layer_densities": {} if self.masks is None else self.masks.densities(),
+            "flops": dict(self.flops or {}), "history": [dict(r) for r in self.history],
+        }
+
+    def load_masks(self, checkpoint: str | Path) -> SparseMasks:
+        """The masks this callback had saved in a branchnet checkpoint (say ``best-*.safetensors``
+        after early stopping restored those weights), on the CPU."""
+        from branchnet.checkpoint import load_checkpoint
+
+        state = load_checkpoint(checkpoint).get("callbacks", {}).get(self.state_key)
+        if not state or not state.get("masks"):
+            raise SparsityError(f"{checkpoint} holds no masks of callback {self.state_key}")
+        return SparseMasks({n: m.to(torch.bool) for n, m in state["masks"].items()})
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule,
                                  optimizer: torch.optim.Optimizer) -> None:

@@ -5,9 +5,12 @@
 ``torch.utils.flop_counter`` knows (``mm``, ``addmm``, ``bmm``, ``baddbmm``, ``convolution`` ...)
 to the prunable weight it reads: an operand sharing the weight's storage (the weight itself,
 ``weight.t()``, ``weight[i]`` ...). This is exact for ``nn.Linear``, ``nn.ConvNd`` and any layer
-that multiplies by its weight blocks or views of them, virtual layers included. FLOPs of a
-layer that multiplies by a *copy* (say a ``torch.cat`` of its blocks) go to that module and are
-split over its prunable weights in proportion to their sizes; a weight seen in no counted
+that multiplies by its weight blocks or views of them. FLOPs of a layer that multiplies by a
+*copy* (branchnet's virtual layers assemble ``(K, out, in, ...)`` from their blocks with
+``torch.cat``) go to that module and are split over its prunable weights in proportion to the
+weights each block contributes: its size, times K for a block without branch dimension beside
+blocks with K branches (the tied ``weight_ss`` serves every branch), which is exact for the
+virtual layers. A weight seen in no counted
 operation gets ``2 × numel × positions`` with positions = the spatial size of its module's
 output (1 for ``(B, C)`` outputs). Results are per example (divided by the batch size of
 ``example_input``); only the prunable weights count (biases, norms, activations are ignored,
@@ -34,7 +37,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
-from branchnet.plastic.masks import SparseMasks, SparsityError, find_prunable
+from branchnet.plastic.masks import LayerShape, SparseMasks, SparsityError, find_prunable
 
 TRAINING_RULES = ("dense", "static", "set", "snfs", "rigl")
 
@@ -76,6 +79,14 @@ def _batch_of(example_input: Any) -> int:
         raise SparsityError(f"example_input must be a batched tensor or a tuple of them, got "
                             f"{type(example_input).__name__}")
     return int(first.shape[0])
+
+
+def _effective_sizes(shapes: dict[str, tuple[int, ...]]) -> dict[str, float]:
+    """Weights a module multiplies by, per block: a block without branch dimension next to
+    blocks with K branches (a tied ``weight_ss``) serves every branch, so it counts K times."""
+    layers = {n: LayerShape.from_shape(s) for n, s in shapes.items()}
+    k = max((s.branches for s in layers.values()), default=1)
+    return {n: float(s.numel * (k if s.branches == 1 else 1)) for n, s in layers.items()}
 
 
 def layer_flops(model: nn.Module, example_input: Any,
@@ -126,10 +137,10 @@ def layer_flops(model: nn.Module, example_input: Any,
     for mname, members in by_module.items():
         rest = [n for n in members if out[n] == 0.0]
         pool = mode.pool.get(mname, 0.0)
-        size = sum(params[n].numel() for n in rest)
+        size = _effective_sizes({n: tuple(params[n].shape) for n in rest})
         for n in rest:
             if pool:
-                out[n] = pool * params[n].numel() / size
+                out[n] = pool * size[n] / sum(size.values())
             else:  # never seen in a counted op: the parameter-shaped formula
                 out[n] = 2.0 * params[n].numel() * positions.get(mname, 1) * batch
     return {n: v / batch for n, v in out.items()}

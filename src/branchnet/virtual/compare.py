@@ -12,19 +12,18 @@ independent 4-ensembles.
 from __future__ import annotations
 
 import itertools
-import math
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+import torch
 from safetensors.torch import load_file
 
 from branchnet.analysis.diversity import ensemble_report
-from branchnet.metrics import format_table
+from branchnet.metrics import format_table, mean_std_rows
 from branchnet.runs import Run
 from branchnet.virtual.merge import branch_probs, merge_probs
 
-__all__ = ["compare_vruns", "independent_ensembles", "mean_std_rows"]
+__all__ = ["compare_vruns", "independent_ensembles", "sweep_grid"]
 
 _KEYS = ("branches", "shared_frac", "bagging")
 
@@ -34,38 +33,6 @@ def _row(run: Run) -> tuple[dict[str, Any], dict[str, Any]]:
 
     result = run.read_metrics()
     return summary_row(result), result
-
-
-def mean_std_rows(rows: list[dict[str, Any]], keys: tuple[str, ...] = _KEYS) -> list[dict[str, Any]]:
-    """Group ``rows`` by ``keys``; numbers become ``"mean ± std"`` strings, with the count ``n``."""
-    groups: dict[tuple, list[dict[str, Any]]] = {}
-    for r in rows:
-        groups.setdefault(tuple(str(r.get(k)) for k in keys), []).append(r)
-    out = []
-    for key, members in sorted(groups.items(), key=lambda kv: [_sortable(v) for v in kv[0]]):
-        row: dict[str, Any] = dict(zip(keys, key, strict=True))
-        row["n"] = len(members)
-        for col in members[0]:
-            if col in keys:
-                continue
-            vals = [m[col] for m in members if isinstance(m.get(col), (int, float))
-                    and m[col] is not None and math.isfinite(m[col])]
-            if not vals:
-                continue
-            if col == "parameters":
-                row[col] = f"{int(np.mean(vals)):,}"
-            else:
-                row[col] = (f"{np.mean(vals):.4f} ± {np.std(vals, ddof=1):.4f}" if len(vals) > 1
-                            else f"{vals[0]:.4f}")
-        out.append(row)
-    return out
-
-
-def _sortable(v: str) -> tuple[int, Any]:
-    try:
-        return (0, float(v))
-    except ValueError:
-        return (1, v)
 
 
 def independent_ensembles(singles: list[tuple[dict[str, Any], Path]], sizes: list[int],
@@ -87,8 +54,6 @@ def independent_ensembles(singles: list[tuple[dict[str, Any], Path]], sizes: lis
             ys = [g[1]["y"] for g in group]
             if any(not (y == ys[0]).all() for y in ys[1:]):
                 continue  # different test splits: not comparable
-            import torch
-
             out = torch.cat([g[1]["outputs"] for g in group], dim=1)  # (N, K, C)
             rep = ensemble_report(branch_probs(out), ys[0], merge_probs(out, merge))
             rows.append({"branches": k, "shared_frac": "independent", "bagging": "none",
@@ -114,7 +79,7 @@ def compare_vruns(run_dirs: list[str | Path]) -> str:
             singles.append(({**result, "seed": run.read_config().get("seed", 0)}, run.path))
     ks = sorted({r["branches"] for r in rows if r["branches"] > 1})
     rows += independent_ensembles(singles, ks)
-    table = mean_std_rows(rows)
+    table = mean_std_rows(rows, _KEYS)
     return format_table(table, floatfmt=".4f") if table else "no finished runs"
 
 

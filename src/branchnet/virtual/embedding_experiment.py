@@ -51,8 +51,14 @@ def oneshot_of_run(run_dir: str | Path, runs_dir: str | Path) -> dict[str, Any]:
 
 def run_embedding(cfg: dict[str, Any], run: Run, resume: bool = False,
                   quiet: bool = False) -> dict[str, Any]:
-    from branchnet.virtual.experiment import (VBranchError, _train_config, build_vmodel_for,
-                                              save_vmodel, summary_text, write_report)
+    from branchnet.virtual.experiment import (
+        VBranchError,
+        _train_config,
+        build_vmodel_for,
+        save_vmodel,
+        summary_text,
+        write_report,
+    )
 
     t0 = time.perf_counter()
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))

@@ -155,7 +155,7 @@ class _SharedGradMixin:
         """``p`` as it enters the forward pass: gradient scaled by 1/K under ``"mean"``."""
         if self.shared_grad == "mean" and self.branches > 1 and p.requires_grad and p.numel() \
                 and torch.is_grad_enabled():
-            return p
+            return _ScaleGrad.apply(p, 1.0 / self.branches)
         return p
 
 
@@ -183,7 +183,7 @@ class _VBlocks(_SharedGradMixin, nn.Module):
         K, s_in, s_out = self.branches, self.shared_in, self.shared_out
         u_in, u_out = self.in_units - s_in, self.out_units - s_out
         self.kernel = tuple(kernel)
-        self.bias = bool(bias)
+        self.has_bias = bool(bias)
         self._shapes = {}
         self._register("weight_ss", (s_out, s_in, *kernel))
         self._register("weight_su", (K, u_out, s_in, *kernel))
@@ -217,7 +217,7 @@ class _VBlocks(_SharedGradMixin, nn.Module):
 
     def full_bias(self) -> torch.Tensor | None:
         """Every branch's bias ``(K, out)``: ``[shared vector, unique vector of branch i]``."""
-        if not self.bias:
+        if not self.has_bias:
             return None
         shared = self._shared(self._get("bias_shared")).expand(self.branches, -1)
         return torch.cat([shared, self._get("bias_unique")], dim=1)
@@ -228,7 +228,7 @@ class _VBlocks(_SharedGradMixin, nn.Module):
 
     def extra_repr(self) -> str:
         return (f"{self.in_units}, {self.out_units}, branches={self.branches}, shared_in={self.shared_in}, "
-                f"shared_out={self.shared_out}, bias={self.bias}, "
+                f"shared_out={self.shared_out}, bias={self.has_bias}, "
                 f"shared_grad={self.shared_grad!r}")
 
 
