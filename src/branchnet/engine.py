@@ -335,7 +335,9 @@ def fit(
         all_callbacks.append(EarlyStopping(monitor=monitor, patience=cfg.patience, mode="min"))
     strategy: Any = "auto"
     if cfg.devices > 1:
-        strategy = DDPStrategy(start_method="spawn", process_group_backend="gloo")
+        # models whose forward skips some parameters (inactive plastic paths) say so
+        strategy = DDPStrategy(start_method="spawn", process_group_backend="gloo",
+                               find_unused_parameters=bool(getattr(model, "has_unused_parameters", False)))
     trainer = L.Trainer(
         max_epochs=cfg.epochs,
         accelerator="cpu",

@@ -14,6 +14,7 @@ Example:
     True
 """
 
+from branchnet.analysis.diversity import breiman, ensemble_report, pairwise_diversity
 from branchnet.analysis.partitions import AnalysisError, Partition, consumer, infer_partition
 from branchnet.analysis.specialization import SpecializationResult, specialization
 from branchnet.analysis.stats import (
@@ -43,6 +44,7 @@ __all__ = [
     "SpecializationResult",
     "ablation",
     "branch_table",
+    "breiman",
     "class_means",
     "class_selectivity",
     "colourfulness",
@@ -50,10 +52,12 @@ __all__ = [
     "cramers_v",
     "dominant_frequency",
     "enrichment_pvalue",
+    "ensemble_report",
     "hypergeom_all_in",
     "infer_partition",
     "linear_cka",
     "mutual_information",
+    "pairwise_diversity",
     "permutation_test",
     "specialization",
     "svd_factors",

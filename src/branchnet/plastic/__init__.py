@@ -3,7 +3,8 @@
 Weight level (dynamic sparse training): masks and layer densities (:mod:`.masks`), drop / grow
 rules as pure functions (:mod:`.rules`), the :class:`DynamicSparsity` Lightning callback
 (:mod:`.callback`), theoretical FLOPs (:mod:`.flops`) and export to ``torch.nn.utils.prune`` or
-CSR layers (:mod:`.export`).
+CSR layers (:mod:`.export`). Path level: a residual network with gated candidate paths and
+the controller that drops and grows them, with path-length statistics (:mod:`.paths`).
 
 >>> import torch
 >>> from branchnet.plastic import SparseMasks
@@ -34,6 +35,13 @@ from branchnet.plastic.masks import (
     layer_densities,
     random_masks,
 )
+from branchnet.plastic.paths import (
+    PathLengthStats,
+    PathPlasticity,
+    PlasticResNet,
+    path_length_distribution,
+    plot_path_lengths,
+)
 from branchnet.plastic.rules import (
     ALPHA_SCHEDULES,
     RULES,
@@ -58,6 +66,9 @@ __all__ = [
     "DynamicSparsity",
     "LayerShape",
     "MaskUpdate",
+    "PathLengthStats",
+    "PathPlasticity",
+    "PlasticResNet",
     "SparseMasks",
     "SparsityError",
     "adam_momentum",
@@ -71,6 +82,8 @@ __all__ = [
     "layer_counts",
     "layer_densities",
     "layer_flops",
+    "path_length_distribution",
+    "plot_path_lengths",
     "random_masks",
     "remove_prune",
     "rigl_update",

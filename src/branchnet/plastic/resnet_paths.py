@@ -178,6 +178,9 @@ class PlasticResNet(nn.Module):
         seed: seed of that draw.
     """
 
+    #: inactive paths take no part in the forward pass: DDP must not wait for their gradients
+    has_unused_parameters = True
+
     def __init__(
         self,
         num_classes: int,

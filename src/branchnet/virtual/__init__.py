@@ -4,7 +4,10 @@ fraction of every layer's units, fused so that all branches run in one set of te
 Layout ``(B, K, C, H, W)`` / ``(B, K, F)``, channels ``[shared, unique]`` per branch; see
 :mod:`branchnet.virtual.layers` (layers and the shared-gradient rule),
 :mod:`branchnet.virtual.models` (MLP, CNN, ResNet, DenseNet-BC) and
-:mod:`branchnet.virtual.reference` (loop implementations for testing).
+:mod:`branchnet.virtual.reference` (loop implementations for testing); training data per
+branch (:mod:`.bagging`), merges and the per-branch loss (:mod:`.merge`), metric learning
+(:mod:`.embedding`), one-shot evaluation (:mod:`.oneshot`), the torch-uncertainty layout
+(:mod:`.uncertainty`) and the ``branchnet vbranch`` experiments (:mod:`.experiment`).
 
 Example:
     >>> import torch
@@ -13,6 +16,14 @@ Example:
     torch.Size([5, 2, 3])
 """
 
+from branchnet.virtual.bagging import BAG_MODES, BaggedPairs, BranchBags
+from branchnet.virtual.embedding import (
+    BranchTripletLoss,
+    PKBatches,
+    batch_hard_triplet_loss,
+    embed,
+    ensemble_embedding,
+)
 from branchnet.virtual.layers import (
     PerBranch,
     VBatchNorm1d,
@@ -26,6 +37,7 @@ from branchnet.virtual.layers import (
     shared_units,
     vcat,
 )
+from branchnet.virtual.merge import MERGES, branch_probs, ensemble_score, merge_probs, per_branch_loss
 from branchnet.virtual.models import (
     VCNN,
     VMLP,
@@ -41,15 +53,24 @@ from branchnet.virtual.models import (
     vresnet,
     vresnet18,
 )
+from branchnet.virtual.oneshot import oneshot_accuracy, read_oneshot_runs, retrieval_metrics
 from branchnet.virtual.reference import LoopVBatchNorm, LoopVConv2d, LoopVLinear
+from branchnet.virtual.uncertainty import TorchUncertaintyAdapter, from_estimator_major, to_estimator_major
 
 __all__ = [
+    "BAG_MODES",
+    "MERGES",
     "VCNN",
     "VMLP",
+    "BaggedPairs",
+    "BranchBags",
+    "BranchTripletLoss",
     "LoopVBatchNorm",
     "LoopVConv2d",
     "LoopVLinear",
+    "PKBatches",
     "PerBranch",
+    "TorchUncertaintyAdapter",
     "VBatchNorm1d",
     "VBatchNorm2d",
     "VConv2d",
@@ -59,12 +80,24 @@ __all__ = [
     "VInput",
     "VLinear",
     "VResNet",
+    "batch_hard_triplet_loss",
+    "branch_probs",
     "build_vmodel",
     "check_branches",
     "count_parameters",
+    "embed",
+    "ensemble_embedding",
+    "ensemble_score",
     "expected_linear_params",
+    "from_estimator_major",
+    "merge_probs",
+    "oneshot_accuracy",
+    "per_branch_loss",
     "plain_width",
+    "read_oneshot_runs",
+    "retrieval_metrics",
     "shared_units",
+    "to_estimator_major",
     "vcat",
     "vcnn",
     "vdensenet_bc",
