@@ -5,6 +5,11 @@
 tests, cluster/branch association, cross-branch CKA, per-branch ablation and (for a first
 layer) the colour-family enrichment of Voss et al. (2021), plus figures and an HTML report.
 
+Virtual-branch models (:mod:`branchnet.virtual`) work too: a layer's ``(B, K, C, ...)`` output
+is read as ``K*C`` units, branch-major, the K branches are the partition (each unit labelled
+``shared`` or ``unique``), a first ``VConv2d``'s filters are its per-branch full weights, and
+accuracy is the ensemble's (mean of the branches' logits).
+
 Example:
     >>> import torch
     >>> from torch import nn
@@ -32,7 +37,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from branchnet.analysis.partitions import AnalysisError, Partition, _get_module, consumer, infer_partition
+from branchnet.analysis.partitions import (
+    AnalysisError,
+    Partition,
+    _get_module,
+    consumer,
+    infer_partition,
+    units_view,
+    virtual_branches,
+)
 from branchnet.analysis.stats import (
     PermutationResult,
     _predict,
@@ -249,6 +262,14 @@ def _subset(n: int, max_samples: int, seed: int) -> np.ndarray:
 
 
 def _weight(module: nn.Module) -> np.ndarray | None:
+    """The layer's weight; for a virtual ``VConv2d`` / ``VLinear`` every branch's full weight
+    ``(K, out, in, ...)`` stacked as ``(K*out, in, ...)`` (rows = the layer's units)."""
+    full = getattr(module, "full_weight", None)
+    if callable(full):
+        with torch.no_grad():
+            w = full()
+        if isinstance(w, torch.Tensor) and w.ndim >= 3:
+            return w.detach().flatten(0, 1).cpu().double().numpy()
     w = getattr(module, "weight", None)
     return w.detach().cpu().double().numpy() if isinstance(w, torch.Tensor) else None
 
@@ -274,10 +295,11 @@ def _activations_and_predictions(
     if batch_size < 1:
         raise AnalysisError(f"batch_size must be >= 1, got {batch_size}")
     module = _get_module(model, layer)
+    branches = virtual_branches(model)
     pooled: list[torch.Tensor] = []
 
     def hook(mod: nn.Module, args: Any, output: Any) -> None:
-        h = _first_tensor(output, layer).detach().float()
+        h = units_view(_first_tensor(output, layer).detach().float(), branches)
         if h.ndim < 2:
             raise AnalysisError(f"layer {layer!r} returns shape {tuple(h.shape)}: expected [N, units, ...]")
         if rectify:
@@ -325,12 +347,15 @@ def specialization(
     """Analyse how the units of ``layer`` organise themselves by branch.
 
     Args:
-        model: any PyTorch classifier returning logits ``[N, classes]``.
-        layer: the layer whose output units are analysed (its output dim 1; conv maps are
-            global-average-pooled) and zeroed for the ablation.
+        model: any PyTorch classifier returning logits ``[N, classes]``, or a virtual-branch
+            model returning ``[N, K, classes]`` (its ensemble, the mean of the logits, is used).
+        layer: the layer whose output units are analysed (its output dim 1, or dims 1-2 of a
+            virtual layer's ``[N, K, C, ...]``; conv maps are global-average-pooled) and zeroed
+            for the ablation.
         data: a :class:`~branchnet.data.Split`, an ``(x, y)`` pair, or a
             :class:`~branchnet.data.Data` (its test split and class names are used).
-        partition: the branches; by default :func:`infer_partition` on the weight layer.
+        partition: the branches; by default :func:`infer_partition` on the weight layer
+            (for a virtual layer its K branches, units labelled shared / unique).
         input_layer: the ``Conv2d``/``Linear`` whose weights produce ``layer``'s units, when
             ``layer`` has none (e.g. ``layer`` is the ReLU after a conv); it is used for the
             partition, the filters, colourfulness, frequency and SVD. Default: ``layer``.
@@ -392,6 +417,7 @@ def specialization(
         row: dict[str, Any] = {
             "unit": u,
             "branch": partition.names[labels[u]],
+            **({"kind": partition.kinds[u]} if partition.kinds is not None else {}),
             "mean_activation": float(acts[:, u].mean()),
             "selectivity": float(selectivity[u]),
             "preferred_class": classes[preferred[u]],
@@ -452,6 +478,8 @@ def specialization(
         row = {
             "branch": name,
             "size": int(m.size),
+            **({"shared_units": sum(partition.kinds[u] == "shared" for u in m)}
+               if partition.kinds is not None else {}),
             "mean_activation": _mean(acts[:, m].mean(axis=0)),
             "mean_selectivity": _mean(selectivity[m]),
         }
@@ -470,6 +498,9 @@ def specialization(
         "weight_layer": weight_layer,
         "n_units": partition.n_units,
         "n_branches": b,
+        "virtual": virtual_branches(model) is not None,
+        "unit_kinds": (None if partition.kinds is None
+                       else {k: partition.kinds.count(k) for k in sorted(set(partition.kinds))}),
         "branch_sizes": dict(zip(partition.names, partition.sizes, strict=True)),
         "n_samples": len(ys),
         "n_classes": n_classes,
@@ -682,6 +713,16 @@ def _build_report(r: SpecializationResult, pngs: dict[str, bytes], report_cls: A
         f"{s['n_branches']} branches: {sizes}. {s['n_samples']} samples, {s['n_classes']} classes. "
         f"Baseline accuracy on these samples: {s['baseline_accuracy']:.4f}."
     )
+    if s.get("virtual"):
+        rep.add_text(
+            "Virtual-branch model: the layer's (B, K, C, ...) output is read as K*C units, branch k "
+            "holding units k*C .. k*C + C - 1; accuracy is the ensemble's (mean of the branches' "
+            "logits). Within a branch the first units are shared (tied shared->shared weights; in "
+            "a first layer they are exact copies in every branch), the rest unique: "
+            + (", ".join(f"{n} {k}" for k, n in s["unit_kinds"].items()) if s.get("unit_kinds")
+               else "split unknown") + ".",
+            muted=True,
+        )
     rep.add_heading("Branches")
     rep.add_table(r.branches)
 

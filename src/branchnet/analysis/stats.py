@@ -26,7 +26,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from branchnet.analysis.partitions import AnalysisError, Partition, _get_module
+from branchnet.analysis.partitions import (
+    AnalysisError,
+    Partition,
+    _get_module,
+    ensemble_logits,
+    units_view,
+    virtual_branches,
+)
 from branchnet.analysis.units import MIN_SAMPLES, ArrayLike, _array, _labels
 from branchnet.data.dataset import Split
 
@@ -341,12 +348,14 @@ def _predict(model: nn.Module, x: torch.Tensor, batch_size: int) -> np.ndarray:
     from branchnet.taps import _model_device
 
     device = _model_device(model)
+    branches = virtual_branches(model)
     preds = []
     for start in range(0, len(x), batch_size):
         chunk = x[start : start + batch_size]
         out = model(chunk if device is None else chunk.to(device))
         if isinstance(out, (tuple, list)):
             out = out[0]
+        out = ensemble_logits(out, branches)  # a virtual model's (B, K, classes): their mean
         if not isinstance(out, torch.Tensor) or out.ndim != 2:
             shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise AnalysisError(f"ablation needs a classifier returning logits [N, classes], got {shape}")
@@ -368,7 +377,9 @@ def ablation(
     """Per-class accuracy when each branch's units of ``layer`` are zeroed, against baseline.
 
     A forward hook sets ``layer``'s output channels (dim 1) of one branch to 0; the model runs
-    in eval mode without gradients (training flags restored). Returns a dict:
+    in eval mode without gradients (training flags restored). For a virtual-branch model the
+    units are those of :func:`~branchnet.analysis.partitions.units_view` (``K*C``, branch-major)
+    and accuracy is the ensemble's (mean of the branches' logits). Returns a dict:
 
     * ``"branches"`` — branch names; ``"baseline"`` — ``[classes]`` accuracy, nothing ablated;
     * ``"ablated"`` — ``[branches, classes]`` accuracy with that branch zeroed;
@@ -403,6 +414,7 @@ def ablation(
     if batch_size < 1:
         raise AnalysisError(f"batch_size must be >= 1, got {batch_size}")
     module = _get_module(model, layer)
+    branches = virtual_branches(model)
 
     def per_class(pred: np.ndarray) -> np.ndarray:
         return np.bincount(lab, weights=(pred == lab).astype(float), minlength=n_classes) / counts
@@ -410,13 +422,14 @@ def ablation(
     def zeroing(units: torch.Tensor) -> Callable[..., Any]:
         def hook(mod: nn.Module, args: Any, output: Any) -> Any:
             first = output[0] if isinstance(output, (tuple, list)) else output
-            if first.ndim < 2 or first.shape[1] != partition.n_units:
+            out = first.clone(memory_format=torch.contiguous_format)
+            view = units_view(out, branches)  # (B, K, C, ...) -> (B, K*C, ...), a view of out
+            if view.ndim < 2 or view.shape[1] != partition.n_units:
                 raise AnalysisError(
                     f"layer {layer!r} outputs shape {tuple(first.shape)} but the partition has "
-                    f"{partition.n_units} units (dim 1)"
+                    f"{partition.n_units} units (dim 1{', times K for a virtual layer' if branches else ''})"
                 )
-            out = first.clone()
-            out[:, units.to(out.device)] = 0
+            view[:, units.to(out.device)] = 0
             return (out, *output[1:]) if isinstance(output, (tuple, list)) else out
 
         return hook

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from branchnet.analysis.partitions import AnalysisError
+from branchnet.analysis.partitions import AnalysisError, units_view, virtual_branches
 from branchnet.data.dataset import Split
 
 __all__ = [
@@ -150,7 +150,9 @@ def unit_activations(
 
     Units are dim 1 of the layer's output (channels of ``[N, C, H, W]``, features of
     ``[N, C]``); dims after it are global-average-pooled, one batch at a time, so full feature
-    maps are never held for all inputs. With ``rectify=True`` a ReLU is applied before pooling
+    maps are never held for all inputs. A virtual-branch layer's ``[N, K, C, ...]`` output gives
+    ``K*C`` units, branch-major (:func:`~branchnet.analysis.partitions.units_view`).
+    With ``rectify=True`` a ReLU is applied before pooling
     (the mean *rectified* response). Only the first ``max_samples`` rows are used (shuffle
     first if the order matters). Reads through :func:`branchnet.taps.extract`: the model runs
     in eval mode without gradients and its training flags are restored.
@@ -158,6 +160,10 @@ def unit_activations(
     >>> net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
     >>> unit_activations(net, "0", torch.randn(10, 3, 8, 8), batch_size=4).shape
     (10, 4)
+    >>> from branchnet.virtual import vcnn
+    >>> vnet = vcnn((4, 8), 3, branches=2, shared_frac=0.5, input_shape=(3, 8, 8))
+    >>> unit_activations(vnet, "features.0.0", torch.randn(10, 3, 8, 8)).shape
+    (10, 8)
     """
     from branchnet.taps import TapError, extract, tap
 
@@ -170,9 +176,10 @@ def unit_activations(
         raise AnalysisError(f"batch_size must be >= 1, got {batch_size}")
     try:
         t = tap(model, layer)
+        branches = virtual_branches(model)
         chunks = []
         for start in range(0, len(x), batch_size):
-            h = extract(t, None, x[start : start + batch_size], batch_size=batch_size)
+            h = units_view(extract(t, None, x[start : start + batch_size], batch_size=batch_size), branches)
             if h.ndim < 2:
                 raise AnalysisError(
                     f"layer {layer!r} returns shape {tuple(h.shape)}: expected [N, units, ...]"

@@ -129,6 +129,8 @@ def run_plastic(cfg: dict[str, Any], run: Run, resume: bool = False,
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
     cfg = resolve_paths(merge_config(DEFAULTS, cfg), config_dir)
     check_config(cfg)
+    if resume and (run.path / "metrics.json").is_file():  # finished: nothing to do again
+        return run.read_metrics()
     run.write_config(cfg)
     data = load_data(cfg, config_dir)
     say(f"data       {data.summary()}")
@@ -209,18 +211,21 @@ def _build_paths(cfg: dict[str, Any], data: Any) -> tuple[nn.Module, Any]:
     if len(data.input_shape) != 3:
         raise ConfigError(f"task: paths needs images [C, H, W]; the data's inputs have shape "
                           f"{tuple(data.input_shape)}")
-    with torch.random.fork_rng():
-        torch.manual_seed(cfg["seed"])
-        model = PlasticResNet(data.num_classes, in_channels=data.input_shape[0],
-                              widths=tuple(p["widths"]), blocks_per_stage=p["blocks_per_stage"],
-                              candidates=p["candidates"], max_active=p["max_active"], mode=p["mode"],
-                              candidate_block=p["candidate_block"], survival_last=p["survival_last"],
-                              seed=cfg["seed"])
     t_end = p["t_end"]
-    controller = PathPlasticity(every=int(p["every"]), n_swap=int(p["n_swap"]),
-                                criterion=p["criterion"],
-                                t_end=float(t_end) if isinstance(t_end, float) else int(t_end),
-                                seed=cfg["seed"])
+    try:
+        with torch.random.fork_rng():
+            torch.manual_seed(cfg["seed"])
+            model = PlasticResNet(
+                data.num_classes, in_channels=data.input_shape[0], widths=tuple(p["widths"]),
+                blocks_per_stage=p["blocks_per_stage"], candidates=p["candidates"],
+                max_active=p["max_active"], mode=p["mode"], candidate_block=p["candidate_block"],
+                survival_last=p["survival_last"], seed=cfg["seed"])
+        controller = PathPlasticity(every=int(p["every"]), n_swap=int(p["n_swap"]),
+                                    criterion=p["criterion"],
+                                    t_end=float(t_end) if isinstance(t_end, float) else int(t_end),
+                                    seed=cfg["seed"])
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"paths: {e}") from e
     return model, controller
 
 

@@ -20,6 +20,7 @@ from matplotlib.figure import Figure
 
 from branchnet.data.omniglot import load_omniglot, make_oneshot_runs, split_by_alphabet
 from branchnet.engine import fit
+from branchnet.report import plot_training_curves
 from branchnet.runs import Run
 from branchnet.virtual import models as vmodels
 from branchnet.virtual.embedding import BranchTripletLoss, PKBatches, embed, embedding_fn, embedding_score
@@ -89,9 +90,13 @@ def run_embedding(cfg: dict[str, Any], run: Run, resume: bool = False,
     train_cfg = _train_config(cfg)
     if train_cfg.batch_size != e["P"] * e["K"]:
         train_cfg.batch_size = e["P"] * e["K"]  # one P x K batch per step
-    train = PKBatches(background.x, background.character, K, e["P"], e["K"], e["steps_per_epoch"],
-                      groups=background.alphabet if e["within_groups"] else None,
-                      disjoint_groups=e["disjoint_groups"], seed=seed)
+    try:
+        train = PKBatches(background.x, background.character, K, e["P"], e["K"],
+                          e["steps_per_epoch"],
+                          groups=background.alphabet if e["within_groups"] else None,
+                          disjoint_groups=e["disjoint_groups"], seed=seed)
+    except ValueError as err:
+        raise VBranchError(f"embedding: {err}") from err
     res = fit(model, train, None, train_cfg, workdir=run.work / "model", resume=resume,
               loss_fn=BranchTripletLoss(e["margin"]), score_fn=embedding_score,
               description=f"{K}-branch embedding")
@@ -115,6 +120,7 @@ def run_embedding(cfg: dict[str, Any], run: Run, resume: bool = False,
     result["seconds"] = time.perf_counter() - t0
     run.write_metrics(result)
     run.save_figure(plot_oneshot(shot), "oneshot")
+    run.save_figure(plot_training_curves({"model": run.work / "model" / "metrics.csv"}), "training")
     write_report(run, cfg, result)
     say(summary_text(result))
     return result

@@ -172,6 +172,8 @@ def run_vbranch(cfg: dict[str, Any], run: Run, resume: bool = False,
     """Train, evaluate, save and report one virtual-branch run; returns its metrics."""
     cfg = resolve_paths(merge_config(DEFAULTS, cfg), config_dir)
     check_config(cfg)
+    if resume and (run.path / "metrics.json").is_file():  # finished: nothing to do again
+        return run.read_metrics()
     run.write_config(cfg)
     if cfg["task"] == "embed":
         from branchnet.virtual.embedding_experiment import run_embedding
