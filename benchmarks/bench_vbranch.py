@@ -3,7 +3,7 @@
 Side by side in ONE process, on ``--threads`` CPU threads (default 2), K = 4 CIFAR ResNet-20s
 (width 16, 32x32 images, 10 classes):
 
-    python benchmarks/bench_vbranch.py                      # the numbers
+    python benchmarks/bench_vbranch.py                      # the numbers (~3 min)
     python benchmarks/bench_vbranch.py --repeats 2 --warmup 1 --batch 8 --json out.json  # smoke
 
 Variants (each built from the same seed; weights differ between variants, which does not

@@ -113,3 +113,13 @@ def test_bad_configs_exit_with_code_2(tmp_path: Path, change: dict[str, Any], me
     code, _, err = run_cli(["vbranch", "fit", str(cfg), "--out", str(tmp_path / "runs")])
     assert code == 2, err
     assert message in err
+
+
+def test_analyze_specialization_of_a_vbranch_run(fitted: tuple[Path, Path, str]) -> None:
+    _, run_dir, _ = fitted
+    code, out, err = run_cli(["analyze", "specialization", str(run_dir), "--permutations", "100",
+                              "--max-samples", "200"])
+    assert code == 0, err
+    assert "branch 2" in out  # three branches inferred from the virtual layer
+    result = json.loads(next(run_dir.glob("specialization-hidden.0.linear/specialization.json")).read_text())
+    assert result["summary"]["virtual"]

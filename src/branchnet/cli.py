@@ -264,12 +264,28 @@ def _analysis_target(run_dir: str) -> tuple[Any, Any, str | None]:
         cfg = load_tree_config(run.path / "config.yaml")
         cfg["progress"] = False
         return tree, load_data(cfg), tree.tap
+    meta_path = run.path / "model" / "model.json"
+    if meta_path.is_file() and "task" in json.loads(meta_path.read_text()):  # a vbranch run
+        from branchnet.analysis import AnalysisError
+        from branchnet.virtual.experiment import load_vbranch_config, load_vrun_model
+
+        model, meta = load_vrun_model(run.path)
+        if meta["task"] != "classify":
+            raise AnalysisError(f"{run.path} is an embedding run: specialization needs class logits")
+        cfg = load_vbranch_config(run.path / "config.yaml")
+        cfg["progress"] = False
+        return model, load_data(cfg), _VIRTUAL_FIRST_LAYER.get(model.spec["kind"])
     from branchnet.classifier import load_classifier_config, load_model
 
     model, _ = load_model(run.path)
     cfg = load_classifier_config(run.path / "config.yaml")
     cfg["progress"] = False
     return model, load_data(cfg), None
+
+
+# the first weight layer of each virtual model: the default layer to analyse
+_VIRTUAL_FIRST_LAYER = {"vmlp": "hidden.0.linear", "vcnn": "features.0.0.conv", "vresnet": "stem.conv",
+                        "vresnet18": "stem.conv", "vdensenet_bc": "conv0"}
 
 
 def cmd_analyze_specialization(args: argparse.Namespace) -> int:
@@ -295,9 +311,11 @@ def cmd_analyze_specialization(args: argparse.Namespace) -> int:
         raise AnalysisError(f"give --layer NAME; the model's layers are {layer_names(target)}")
     partition = None
     if args.partition != "auto":  # the controls: the same halves as two groups, or random halves
-        from branchnet.analysis.partitions import _get_module
+        from branchnet.analysis.partitions import _get_module, virtual_layout
 
-        n_units = _get_module(target, layer).weight.shape[0]
+        layout = virtual_layout(target, layer)
+        n_units = (layout.branches * layout.units if layout is not None
+                   else _get_module(target, layer).weight.shape[0])
         sizes = [n_units // 2, n_units - n_units // 2]
         partition = (Partition.random(sizes, seed=args.seed) if args.partition == "random"
                      else Partition.from_sizes(sizes))

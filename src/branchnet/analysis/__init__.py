@@ -15,7 +15,14 @@ Example:
 """
 
 from branchnet.analysis.diversity import breiman, ensemble_report, pairwise_diversity
-from branchnet.analysis.partitions import AnalysisError, Partition, consumer, infer_partition
+from branchnet.analysis.partitions import (
+    AnalysisError,
+    Partition,
+    consumer,
+    infer_partition,
+    virtual_layout,
+    virtual_unit_kinds,
+)
 from branchnet.analysis.specialization import SpecializationResult, specialization
 from branchnet.analysis.stats import (
     PermutationResult,
@@ -62,4 +69,6 @@ __all__ = [
     "specialization",
     "svd_factors",
     "unit_activations",
+    "virtual_layout",
+    "virtual_unit_kinds",
 ]

@@ -197,7 +197,9 @@ def run_plastic(cfg: dict[str, Any], run: Run, resume: bool = False,
 
 def _sparsity_summary(cb: Any, train_seconds: float) -> dict[str, Any]:
     dens = cb.masks.densities()
+    pruned = sum(m.numel() - int(m.sum()) for _, m in cb.masks.items())
     return {"overall_density": float(cb.masks.density()), "layer_densities": dens,
+            "inactive_weights": int(pruned),
             "flops": cb.flops_summary(), "n_updates": cb.n_updates,
             "update_seconds": cb.update_seconds,
             "update_share": cb.update_seconds / train_seconds if train_seconds > 0 else None,
@@ -249,8 +251,10 @@ def summary_row(result: dict[str, Any]) -> dict[str, Any]:
     else:
         row.update(mode=result["mode"], active_paths=len(result["paths"]["active"]),
                    mean_path_length=result["paths"]["path_lengths"].get("mean"))
+    inactive = (result.get("sparsity") or {}).get("inactive_weights", 0)
     row.update(accuracy=result["accuracy"], nll=result["nll"], ece=result["ece"],
-               parameters=result["parameters"], train_seconds=result.get("train_seconds"))
+               active_parameters=result["parameters"] - inactive,
+               train_seconds=result.get("train_seconds"))
     return row
 
 
