@@ -155,12 +155,13 @@ def test_vlinear_matches_loop_outputs_and_gradients(c: dict[str, Any]) -> None:
 
 @SETTINGS
 @given(_dense_case(), st.sampled_from([1, 3]), st.sampled_from([1, 2]), st.sampled_from([0, 1]),
-       st.integers(3, 6))
+       st.integers(3, 6), st.sampled_from(["grouped", "split"]))
 def test_vconv2d_matches_loop_outputs_and_gradients(c: dict[str, Any], k: int, stride: int, padding: int,
-                                                     hw: int) -> None:
+                                                     hw: int, impl: str) -> None:
     torch.manual_seed(c["seed"])
     layer = VConv2d(c["n_in"], c["n_out"], k, c["K"], c["s_in"], c["s_out"], stride=stride, padding=padding,
                     bias=c["bias"], shared_grad="sum")
+    layer.conv_impl = impl
     x = _input(c["B"], c["K"], (c["n_in"], hw, hw), c["broadcast"], c["seed"])
     _compare_with_loop(layer, LoopVConv2d, x, c["seed"])
 
@@ -242,9 +243,14 @@ def test_mean_gradient_survives_deepcopy() -> None:
 def test_each_layer_runs_one_op_for_all_branches() -> None:
     x = torch.randn(4, 3, 5, 6, 6)
     conv = VConv2d(5, 4, 3, 3, 2, 1, padding=1)
+    conv.conv_impl = "grouped"
     with mock.patch.object(F, "conv2d", wraps=F.conv2d) as spy:
-        conv(x)
+        grouped = conv(x)
     assert spy.call_count == 1 and spy.call_args.kwargs["groups"] == 3
+    conv.conv_impl = "auto"  # on CPU: one dense conv per branch, the same result
+    with mock.patch.object(F, "conv2d", wraps=F.conv2d) as spy:
+        torch.testing.assert_close(conv(x), grouped)
+    assert spy.call_count == 3
     bn = VBatchNorm2d(5, 3, 2)
     with mock.patch.object(F, "batch_norm", wraps=F.batch_norm) as spy:
         bn(x)
