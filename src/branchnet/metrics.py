@@ -445,8 +445,8 @@ def mean_std_rows(rows: Sequence[Mapping[str, Any]], keys: Sequence[str]) -> lis
                     and m[col] is not None and math.isfinite(m[col])]
             if not vals:
                 continue
-            if col == "parameters":
-                row[col] = f"{int(np.mean(vals)):,}"
+            if all(isinstance(v, int) and not isinstance(v, bool) for v in vals) and len(set(vals)) == 1:
+                row[col] = f"{vals[0]:,}"  # a count that does not vary: parameters
             else:
                 row[col] = (f"{np.mean(vals):.4f} ± {np.std(vals, ddof=1):.4f}" if len(vals) > 1
                             else f"{vals[0]:.4f}")
