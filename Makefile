@@ -32,6 +32,8 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_branch_training.py
 	$(BIN)/python benchmarks/bench_cache_memory.py
 	$(BIN)/python benchmarks/bench_specialization.py
+	$(BIN)/python benchmarks/bench_vbranch.py
+	$(BIN)/python benchmarks/bench_plastic.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache build src/*.egg-info

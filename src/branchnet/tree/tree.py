@@ -95,6 +95,8 @@ class BranchTree:
         score: local confidence, ``msp``, ``margin`` or ``entropy``.
         backoff: predict the deepest confident node instead of abstaining.
         parent_train / head_train: :class:`~branchnet.engine.TrainConfig` or dict.
+        head_callbacks: ``node -> [Lightning callbacks]`` for the training of each node's head,
+            e.g. ``lambda node: [DynamicSparsity("rigl", density=0.2)]`` for sparse branches.
         parent_labels: train the parent on ``"fine"`` classes or ``"coarse"`` root groups.
         workdir: folder for checkpoints (needed for ``fit(..., resume=True)``); default a
             temporary folder. cache_dir: activation cache (default ``workdir/cache`` for a
@@ -119,6 +121,7 @@ class BranchTree:
         parent_train: TrainConfig | dict | None = None,
         parent_labels: str = "fine",
         head_train: TrainConfig | dict | None = None,
+        head_callbacks: Callable[[str], list[Any]] | None = None,
         workdir: str | Path | None = None,
         cache_dir: str | Path | None = None,
         cache_dtype: str = "float16",
@@ -152,6 +155,7 @@ class BranchTree:
         self.parent_train = _train_config(parent_train, progress)
         self.parent_labels = parent_labels
         self.head_train = _train_config(head_train, progress, default=HEAD_TRAIN_DEFAULTS)
+        self.head_callbacks = head_callbacks
         self.workdir = Path(workdir) if workdir else None
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.cache_dtype = cache_dtype
@@ -267,6 +271,7 @@ class BranchTree:
                     node_data[name] = self._node_dataset(i, acts[name], rows, slots[rows])
                 res = fit(head, node_data["train"], node_data["val"], self.head_train,
                           workdir=workdir / "nodes" / f"{i:02d}-{_safe(node)}", resume=resume,
+                          callbacks=self.head_callbacks(node) if self.head_callbacks else None,
                           description=f"branch {node!r} ({layout.n_children[i]} children)")
                 summary["nodes"][node] = {"n_train": len(node_data["train"]),
                                           "n_val": len(node_data["val"]), **_fit_brief(res)}
