@@ -146,19 +146,23 @@ def save_model(model: nn.Module, path: Path, meta: dict[str, Any]) -> Path:
     return path
 
 
-def load_model(run_dir: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+def load_model(run_dir: str | Path, build: Any = None,
+               command: str = "model") -> tuple[nn.Module, dict[str, Any]]:
     """The trained model of a run folder (or of its ``model/`` folder), in eval mode, and its
-    metadata (``spec``, ``classes``, ``preprocessing``, ``input_shape``, ``layers``, ...)."""
+    metadata (``spec``, ``classes``, ``preprocessing``, ``input_shape``, ``layers``, ...).
+    ``build(spec) -> nn.Module`` rebuilds the network (default :func:`branchnet.models.build`);
+    ``command`` names the ``branchnet COMMAND fit --resume`` that finishes an interrupted run."""
+    build = build or models.build
     path = Path(run_dir)
     if not (path / "model.json").is_file():
         path = path / "model"
     meta_path = path / "model.json"
     if not meta_path.is_file():
         raise CheckpointError(f"{run_dir} has no saved model (no model/model.json); if the run was "
-                              f"interrupted, resume it with: branchnet model fit --resume {run_dir}")
+                              f"interrupted, resume it with: branchnet {command} fit --resume {run_dir}")
     try:
         meta = json.loads(meta_path.read_text())
-        model = models.build(meta["spec"])
+        model = build(meta["spec"])
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{meta_path} is damaged ({type(e).__name__}: {e})") from e
     weights, _ = load_weights(path / "weights.safetensors")

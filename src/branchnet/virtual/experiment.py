@@ -37,7 +37,7 @@ from torch import nn
 
 from branchnet import metrics
 from branchnet.analysis.diversity import ensemble_report
-from branchnet.checkpoint import CheckpointError, load_weights, save_weights
+from branchnet.checkpoint import save_weights
 from branchnet.config import DATA_DEFAULTS, ConfigError, load_config, load_data, merge_config, resolve_paths
 from branchnet.data.batches import TensorPairs
 from branchnet.engine import TrainConfig, fit
@@ -247,22 +247,9 @@ def save_vmodel(model: nn.Module, path: Path, meta: dict[str, Any]) -> Path:
 
 def load_vrun_model(run_dir: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     """The trained virtual model of a run folder, in eval mode, and its metadata."""
-    path = Path(run_dir) / "model"
-    meta_path = path / "model.json"
-    if not meta_path.is_file():
-        raise CheckpointError(f"{run_dir} has no saved model (no model/model.json); if the run was "
-                              f"interrupted, resume it with: branchnet vbranch fit --resume {run_dir}")
-    try:
-        meta = json.loads(meta_path.read_text())
-        model = vmodels.build_vmodel(meta["spec"])
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{meta_path} is damaged ({type(e).__name__}: {e})") from e
-    weights, _ = load_weights(path / "weights.safetensors")
-    try:
-        model.load_state_dict(weights)
-    except RuntimeError as e:
-        raise CheckpointError(f"{path / 'weights.safetensors'} does not match {meta_path}: {e}") from e
-    return model.eval(), meta
+    from branchnet.classifier import load_model
+
+    return load_model(run_dir, vmodels.build_vmodel, command="vbranch")
 
 
 def summary_row(result: dict[str, Any]) -> dict[str, Any]:
