@@ -80,6 +80,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 
+from branchnet.virtual.layers import VConv2d
 from branchnet.virtual.merge import per_branch_loss
 from branchnet.virtual.models import count_parameters, plain_width, vresnet
 
@@ -99,13 +100,16 @@ class Runner:
 
 
 def variant_keys(args: argparse.Namespace) -> list[str]:
-    keys = [f"fused:{s:g}" for s in args.shared] + ["loop", "dense", "vmap", "vmap+grad"]
+    keys = [f"fused:{s:g}" for s in args.shared] + [f"grouped:{args.shared[0]:g}", "loop", "dense",
+                                                       "vmap", "vmap+grad"]
     return [k for k in keys if not args.variants or k.split(":")[0] in args.variants or k in args.variants]
 
 
 def label(key: str, args: argparse.Namespace) -> str:
     if key.startswith("fused:"):
         return f"fused K={args.branches} s={key.split(':')[1]}"
+    if key.startswith("grouped:"):
+        return f"fused K={args.branches} s={key.split(':')[1]}, grouped conv (conv_impl='grouped')"
     once = " (one backward)" if args.loop_backward == "once" else ""
     return {"loop": f"loop over {args.branches} ResNet-{args.depth}s{once}",
             "dense": f"dense width {plain_width(args.width, args.branches)} (same FLOPs)",
@@ -172,13 +176,17 @@ def build(key: str, mode: str, args: argparse.Namespace, data: dict[str, torch.T
     """The model(s), optimizer and one-step closure of variant ``key`` in ``mode``."""
     K, train = args.branches, mode == "train"
     x, y = data["x"], data["y"]
-    if key.startswith("fused:") or key == "dense":
+    if key.startswith(("fused:", "grouped:")) or key == "dense":
         if key == "dense":
             (model,) = _models(args, 1, branches=1, width=plain_width(args.width, K))
             xt, yt = x, y
         else:
             (model,) = _models(args, 1, branches=K, shared_frac=float(key.split(":")[1]), width=args.width)
             xt, yt = data["x_bk"], data["y_bk"]
+            if key.startswith("grouped:"):  # the GPU path: one grouped conv per layer
+                for m in model.modules():
+                    if isinstance(m, VConv2d):
+                        m.conv_impl = "grouped"
         params = count_parameters(model)
         if not train:
             model.eval()
@@ -455,7 +463,7 @@ def main() -> None:
     ap.add_argument("--loop-backward", choices=("each", "once"), default="each",
                     help="loop: backward after each model (default; lowest memory) or once on the sum")
     ap.add_argument("--variants", nargs="*", default=None,
-                    help="subset of: fused loop dense vmap vmap+grad (default: all)")
+                    help="subset of: fused grouped loop dense vmap vmap+grad (default: all)")
     ap.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=20)
