@@ -20,6 +20,7 @@ inference and training FLOPs, time spent updating masks; path-length statistics 
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -287,7 +288,13 @@ def compare_plastic(run_dirs: list[str | Path]) -> str:
     """Mean ± std per (task, rule or mode, density) over finished runs, as a table."""
     from branchnet.metrics import mean_std_rows
 
-    rows = [summary_row(Run.open(d).read_metrics()) for d in run_dirs]
+    rows = []
+    for d in run_dirs:
+        run = Run.open(d)
+        if not (run.path / "metrics.json").is_file():
+            print(f"skipping {run.path}: not finished", file=sys.stderr)
+            continue
+        rows.append(summary_row(run.read_metrics()))
     keys = ("rule", "density") if rows and "rule" in rows[0] else ("mode",)
     table = mean_std_rows([r for r in rows if all(k in r for k in keys)], keys)
     return metrics.format_table(table) if table else "no finished runs"

@@ -12,6 +12,7 @@ independent 4-ensembles.
 from __future__ import annotations
 
 import itertools
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +74,9 @@ def compare_vruns(run_dirs: list[str | Path]) -> str:
     rows, singles = [], []
     for d in run_dirs:
         run = Run.open(d)
+        if not (run.path / "metrics.json").is_file():
+            print(f"skipping {run.path}: not finished", file=sys.stderr)
+            continue
         row, result = _row(run)
         rows.append(row)
         if result.get("task") == "classify" and result["branches"] == 1:
