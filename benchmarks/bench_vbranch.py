@@ -100,7 +100,7 @@ class Runner:
 
 
 def variant_keys(args: argparse.Namespace) -> list[str]:
-    keys = [f"fused:{s:g}" for s in args.shared] + [f"grouped:{args.shared[0]:g}", "loop", "dense",
+    keys = [f"fused:{s:g}" for s in args.shared] + [f"split:{args.shared[0]:g}", "loop", "dense",
                                                        "vmap", "vmap+grad"]
     return [k for k in keys if not args.variants or k.split(":")[0] in args.variants or k in args.variants]
 
@@ -108,8 +108,8 @@ def variant_keys(args: argparse.Namespace) -> list[str]:
 def label(key: str, args: argparse.Namespace) -> str:
     if key.startswith("fused:"):
         return f"fused K={args.branches} s={key.split(':')[1]}"
-    if key.startswith("grouped:"):
-        return f"fused K={args.branches} s={key.split(':')[1]}, grouped conv (conv_impl='grouped')"
+    if key.startswith("split:"):
+        return f"fused K={args.branches} s={key.split(':')[1]}, one conv per branch (conv_impl='split')"
     once = " (one backward)" if args.loop_backward == "once" else ""
     return {"loop": f"loop over {args.branches} ResNet-{args.depth}s{once}",
             "dense": f"dense width {plain_width(args.width, args.branches)} (same FLOPs)",
@@ -176,17 +176,17 @@ def build(key: str, mode: str, args: argparse.Namespace, data: dict[str, torch.T
     """The model(s), optimizer and one-step closure of variant ``key`` in ``mode``."""
     K, train = args.branches, mode == "train"
     x, y = data["x"], data["y"]
-    if key.startswith(("fused:", "grouped:")) or key == "dense":
+    if key.startswith(("fused:", "split:")) or key == "dense":
         if key == "dense":
             (model,) = _models(args, 1, branches=1, width=plain_width(args.width, K))
             xt, yt = x, y
         else:
             (model,) = _models(args, 1, branches=K, shared_frac=float(key.split(":")[1]), width=args.width)
             xt, yt = data["x_bk"], data["y_bk"]
-            if key.startswith("grouped:"):  # the GPU path: one grouped conv per layer
+            if key.startswith("split:"):  # K dense convs per layer instead of one grouped conv
                 for m in model.modules():
                     if isinstance(m, VConv2d):
-                        m.conv_impl = "grouped"
+                        m.conv_impl = "split"
         params = count_parameters(model)
         if not train:
             model.eval()
@@ -463,7 +463,7 @@ def main() -> None:
     ap.add_argument("--loop-backward", choices=("each", "once"), default="each",
                     help="loop: backward after each model (default; lowest memory) or once on the sum")
     ap.add_argument("--variants", nargs="*", default=None,
-                    help="subset of: fused grouped loop dense vmap vmap+grad (default: all)")
+                    help="subset of: fused split loop dense vmap vmap+grad (default: all)")
     ap.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=20)

@@ -243,11 +243,11 @@ def test_mean_gradient_survives_deepcopy() -> None:
 def test_each_layer_runs_one_op_for_all_branches() -> None:
     x = torch.randn(4, 3, 5, 6, 6)
     conv = VConv2d(5, 4, 3, 3, 2, 1, padding=1)
-    conv.conv_impl = "grouped"
+    assert conv.conv_impl == "grouped"
     with mock.patch.object(F, "conv2d", wraps=F.conv2d) as spy:
         grouped = conv(x)
     assert spy.call_count == 1 and spy.call_args.kwargs["groups"] == 3
-    conv.conv_impl = "auto"  # on CPU: one dense conv per branch, the same result
+    conv.conv_impl = "split"  # one dense conv per branch, the same result
     with mock.patch.object(F, "conv2d", wraps=F.conv2d) as spy:
         torch.testing.assert_close(conv(x), grouped)
     assert spy.call_count == 3

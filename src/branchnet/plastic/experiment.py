@@ -252,10 +252,13 @@ def summary_row(result: dict[str, Any]) -> dict[str, Any]:
     else:
         row.update(mode=result["mode"], active_paths=len(result["paths"]["active"]),
                    mean_path_length=result["paths"]["path_lengths"].get("mean"))
-    inactive = (result.get("sparsity") or {}).get("inactive_weights", 0)
-    row.update(accuracy=result["accuracy"], nll=result["nll"], ece=result["ece"],
-               active_parameters=result["parameters"] - inactive,
-               train_seconds=result.get("train_seconds"))
+    row.update(accuracy=result["accuracy"], nll=result["nll"], ece=result["ece"])
+    if result["task"] == "sparse":
+        row["active_parameters"] = result["parameters"] - (result.get("sparsity") or {}).get(
+            "inactive_weights", 0)
+    else:  # every candidate path is registered, active or not
+        row["parameters"] = result["parameters"]
+    row["train_seconds"] = result.get("train_seconds")
     return row
 
 

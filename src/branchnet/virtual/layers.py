@@ -281,7 +281,7 @@ class VLinear(_VBlocks):
 
 class VConv2d(_VBlocks):
     """K fused 2-D convolutions with a tied shared->shared block: one grouped ``F.conv2d``
-    (on CPU, where grouped kernels are slow, one dense conv per branch; see ``conv_impl``).
+    (or one dense conv per branch with ``conv_impl = "split"``).
 
     Same block semantics and arguments as :class:`VLinear` (channels instead of features),
     plus ``kernel_size``, ``stride``, ``padding`` and ``dilation`` as in ``nn.Conv2d``.
@@ -308,9 +308,9 @@ class VConv2d(_VBlocks):
         self.stride = _pair(stride, "stride")
         self.padding = padding if isinstance(padding, str) else _pair(padding, "padding", minimum=0)
         self.dilation = _pair(dilation, "dilation")
-        #: per-branch batches: "grouped" (one conv with groups=K), "split" (K dense convs) or
-        #: "auto" (split on CPU, where grouped kernels are slow; grouped elsewhere)
-        self.conv_impl = "auto"
+        #: per-branch batches: "grouped" (one conv with groups=K, the default) or "split" (K
+        #: dense convs; on a busy CPU the grouped kernels can be slower, see docs/benchmarks.md)
+        self.conv_impl = "grouped"
 
     @classmethod
     def fractional(cls, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int],
@@ -327,9 +327,7 @@ class VConv2d(_VBlocks):
         b = None if b is None else b.reshape(-1)
         if self._broadcast(x):  # one dense conv with K*out filters on the shared batch
             y = F.conv2d(x[:, 0], w, b, self.stride, self.padding, self.dilation)
-        elif self.conv_impl == "split" or (self.conv_impl == "auto" and x.device.type == "cpu"):
-            # CPU kernels for grouped convolutions are several times slower than K dense ones
-            # with the same FLOPs (see docs/benchmarks.md): one dense conv per branch instead
+        elif self.conv_impl == "split":  # one dense conv per branch (see conv_impl)
             ws, bs = w.unflatten(0, (K, n_out)), None if b is None else b.unflatten(0, (K, n_out))
             return torch.stack([F.conv2d(x[:, k], ws[k], None if bs is None else bs[k], self.stride,
                                          self.padding, self.dilation) for k in range(K)], dim=1)
