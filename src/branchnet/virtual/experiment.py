@@ -121,18 +121,12 @@ def build_vmodel_for(spec: dict[str, Any], num_classes: int, input_shape: tuple[
         if not sizes or sizes[0] == "auto":
             sizes[:1] = [int(np.prod(input_shape))]
         spec["sizes"] = sizes
-    if "in_channels" in params and "in_channels" not in spec:
-        spec["in_channels"] = int(input_shape[0])
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         try:
             return builder(**spec)
         except (ValueError, TypeError) as e:
             raise VBranchError(f"cannot build virtual model {spec}: {e}") from e
-
-
-def branches_of(model: nn.Module) -> int:
-    return int(model.spec["branches"])
 
 
 @torch.inference_mode()
@@ -190,7 +184,7 @@ def _run_classify(cfg: dict[str, Any], run: Run, resume: bool, config_dir: Path 
     say(f"data       {data.summary()}")
     seed = cfg["seed"]
     model = build_vmodel_for(cfg["model"], data.num_classes, tuple(data.input_shape), seed)
-    K = branches_of(model)
+    K = int(model.spec["branches"])
     n_params = vmodels.count_parameters(model)
     say(f"model      {model.spec} ({n_params:,} parameters)")
     bag = cfg["bagging"]
