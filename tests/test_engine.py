@@ -26,13 +26,7 @@ from branchnet.engine import FitResult, TrainConfig, TrainingError, fit
 # ---------------------------------------------------------------- helpers
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Any:
-    """Tiny models: one intra-op thread is much faster than several fighting over busy cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 

@@ -30,13 +30,7 @@ from branchnet.plastic.paths import (
     reset_optimizer_state,
 )
 
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Any:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(seed: int = 0, **kw: Any) -> PlasticResNet:

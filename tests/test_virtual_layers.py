@@ -35,12 +35,7 @@ SETTINGS = settings(max_examples=30, deadline=None)
 SHARED_NAMES = ("weight_ss", "bias_shared", "gamma_shared", "beta_shared")
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Any:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _input(B: int, K: int, shape: tuple[int, ...], broadcast: bool, seed: int) -> torch.Tensor:

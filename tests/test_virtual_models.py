@@ -26,13 +26,7 @@ from branchnet.virtual.models import (
     vresnet18,
 )
 
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Any:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 C = 3  # classes
