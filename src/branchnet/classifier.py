@@ -109,11 +109,15 @@ def build_model(spec: dict[str, Any], data: Data, seed: int) -> nn.Module:
 
 
 @torch.inference_mode()
+def model_outputs(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    """The outputs of ``model`` (put in eval mode) for ``x``, in batches, as float32."""
+    model.eval()
+    return torch.cat([model(x[i:i + batch_size]).float() for i in range(0, len(x), batch_size)])
+
+
 def predict_proba(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
     """Class probabilities of ``model`` (put in eval mode) for ``x``, in batches."""
-    model.eval()
-    return torch.cat([torch.softmax(model(x[i:i + batch_size]).float(), dim=1)
-                      for i in range(0, len(x), batch_size)]) if len(x) else torch.zeros(0)
+    return torch.softmax(model_outputs(model, x, batch_size), dim=1) if len(x) else torch.zeros(0)
 
 
 def evaluate_model(model: nn.Module, split: Split, classes: list[str]) -> dict[str, Any]:

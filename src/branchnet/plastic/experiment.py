@@ -32,6 +32,7 @@ from torch import nn
 
 from branchnet import metrics
 from branchnet.checkpoint import save_weights
+from branchnet.classifier import build_model, model_outputs
 from branchnet.config import DATA_DEFAULTS, ConfigError, load_config, load_data, merge_config, resolve_paths
 from branchnet.data.batches import TensorPairs
 from branchnet.engine import TrainConfig, fit
@@ -81,8 +82,6 @@ def _build_sparse_model(cfg: dict[str, Any], data: Any) -> tuple[nn.Module, bool
     """(model, is_virtual) for ``task: sparse``."""
     kind = cfg["model"].get("kind")
     if kind in _PLAIN:
-        from branchnet.classifier import build_model
-
         return build_model(cfg["model"], data, cfg["seed"]), False
     from branchnet.virtual.experiment import build_vmodel_for
 
@@ -104,15 +103,8 @@ def _sparsity_callback(cfg: dict[str, Any], example: torch.Tensor) -> Any:
         alpha_schedule=s["alpha_schedule"], seed=cfg["seed"], example_input=example)
 
 
-def _outputs(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
-    model.eval()
-    with torch.inference_mode():
-        out = torch.cat([model(x[i:i + batch_size]).float() for i in range(0, len(x), batch_size)])
-    return out
-
-
 def _test_metrics(model: nn.Module, x: torch.Tensor, y: torch.Tensor, virtual: bool) -> dict[str, Any]:
-    out = _outputs(model, x)
+    out = model_outputs(model, x)
     if virtual:
         from branchnet.virtual.merge import merge_probs
 

@@ -38,6 +38,8 @@ from torch import nn
 from branchnet import metrics
 from branchnet.analysis.diversity import ensemble_report
 from branchnet.checkpoint import save_weights
+from branchnet.classifier import load_model
+from branchnet.classifier import model_outputs as outputs_of
 from branchnet.config import DATA_DEFAULTS, ConfigError, load_config, load_data, merge_config, resolve_paths
 from branchnet.data.batches import TensorPairs
 from branchnet.engine import TrainConfig, fit
@@ -129,17 +131,13 @@ def build_vmodel_for(spec: dict[str, Any], num_classes: int, input_shape: tuple[
             raise VBranchError(f"cannot build virtual model {spec}: {e}") from e
 
 
-@torch.inference_mode()
-def outputs_of(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
-    """Per-branch outputs ``(N, K, C)`` of ``model`` (in eval mode) for inputs broadcast to all
-    branches."""
-    model.eval()
-    return torch.cat([model(x[i:i + batch_size]).float() for i in range(0, len(x), batch_size)])
-
-
 def evaluate_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
     """Per-branch and ensemble metrics for both merges, and the branches' diversity."""
-    out = outputs_of(model, x)
+    return evaluate_outputs(outputs_of(model, x), y)
+
+
+def evaluate_outputs(out: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
+    """:func:`evaluate_classifier` of per-branch outputs ``(N, K, C)`` already computed."""
     probs = branch_probs(out)
     result: dict[str, Any] = {"n": len(y)}
     for how in ("before_mean", "after_mean"):
@@ -198,7 +196,8 @@ def _run_classify(cfg: dict[str, Any], run: Run, resume: bool, config_dir: Path 
     res = fit(model, BaggedPairs(data.train.x, data.train.y, bags), val, _train_config(cfg),
               workdir=run.work / "model", resume=resume, loss_fn=per_branch_loss,
               score_fn=ensemble_score, description=f"{K}-branch {model.spec['kind']}")
-    test = evaluate_classifier(model, data.test.x, data.test.y)
+    out = outputs_of(model, data.test.x)
+    test = evaluate_outputs(out, data.test.y)
     main = test[cfg["merge"]]
     result: dict[str, Any] = {
         "task": "classify", "branches": K, "shared_frac": model.spec.get("shared_frac"),
@@ -211,7 +210,6 @@ def _run_classify(cfg: dict[str, Any], run: Run, resume: bool, config_dir: Path 
         "fit": {k: v for k, v in res.to_dict().items() if k != "best_checkpoint"},
         "data": {"summary": data.summary(), "classes": data.classes},
     }
-    out = outputs_of(model, data.test.x)
     save_file({"outputs": out.contiguous(), "y": data.test.y.contiguous()},
               str(run.path / "predictions.safetensors"))
     save_vmodel(model, run.path / "model", {
@@ -241,8 +239,6 @@ def save_vmodel(model: nn.Module, path: Path, meta: dict[str, Any]) -> Path:
 
 def load_vrun_model(run_dir: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     """The trained virtual model of a run folder, in eval mode, and its metadata."""
-    from branchnet.classifier import load_model
-
     return load_model(run_dir, vmodels.build_vmodel, command="vbranch")
 
 
