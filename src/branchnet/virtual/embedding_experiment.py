@@ -12,10 +12,12 @@ ensemble and of every branch.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch.nn.functional as F
 from matplotlib.figure import Figure
 
 from branchnet.data.omniglot import load_omniglot, make_oneshot_runs, split_by_alphabet
@@ -23,7 +25,13 @@ from branchnet.engine import fit
 from branchnet.report import plot_training_curves
 from branchnet.runs import Run
 from branchnet.virtual import models as vmodels
-from branchnet.virtual.embedding import BranchTripletLoss, PKBatches, embed, embedding_fn, embedding_score
+from branchnet.virtual.embedding import (
+    BranchTripletLoss,
+    PKBatches,
+    embed,
+    embedding_score,
+    ensemble_embedding,
+)
 from branchnet.virtual.oneshot import oneshot_accuracy, read_oneshot_runs, retrieval_metrics
 
 __all__ = ["oneshot_of_model", "oneshot_of_run", "run_embedding"]
@@ -32,8 +40,11 @@ __all__ = ["oneshot_of_model", "oneshot_of_run", "run_embedding"]
 def oneshot_of_model(model: Any, runs: list[Any]) -> dict[str, Any]:
     """One-shot accuracy of the concatenated ensemble embedding and of every branch."""
     K = int(model.spec["branches"])
-    ens = oneshot_accuracy(embedding_fn(model), runs)
-    branches = [oneshot_accuracy(embedding_fn(model, branch=k), runs) for k in range(K)]
+    # embed every image once, (n, K, D); the ensemble and each branch read their part of it
+    embedded = [replace(r, train_x=embed(model, r.train_x), test_x=embed(model, r.test_x)) for r in runs]
+    ens = oneshot_accuracy(ensemble_embedding, embedded)
+    branches = [oneshot_accuracy(lambda e, k=k: F.normalize(e[:, k], dim=-1), embedded)
+                for k in range(K)]
     return {"ensemble": ens, "branches": branches, "n_runs": len(runs),
             "ways": len(runs[0].train_x) if runs else 0,
             "branch_mean": float(np.mean([b["accuracy"] for b in branches]))}
@@ -104,7 +115,7 @@ def run_embedding(cfg: dict[str, Any], run: Run, resume: bool = False,
     retrieval: dict[str, Any] = {}
     if held is not None:
         emb = embed(model, held.x)
-        retrieval["ensemble"] = retrieval_metrics(embedding_fn(model)(held.x), held.character)
+        retrieval["ensemble"] = retrieval_metrics(ensemble_embedding(emb), held.character)
         retrieval["branches"] = [retrieval_metrics(emb[:, k], held.character) for k in range(K)]
     result: dict[str, Any] = {
         "task": "embed", "branches": K, "shared_frac": model.spec.get("shared_frac"),
