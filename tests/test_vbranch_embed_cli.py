@@ -142,7 +142,7 @@ def test_oneshot_of_a_classification_run_exits_with_code_2(fitted: tuple[Path, s
     ("embedding.ways=6", "no alphabet has 6 characters"),
     ("embedding.train=[]", "embedding.train must list"),
     ("embedding.train=[nothere.zip]", "nothere.zip does not exist"),
-    ("merge=before_mean", "does not match a embedding head"),
+    ("merge=before_mean", "does not match an embedding head"),
 ])
 def test_bad_embedding_configs_exit_with_code_2(omniglot: Path, tmp_path: Path, override: str,
                                                 message: str) -> None:

@@ -22,7 +22,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -118,3 +120,16 @@ class Run:
 
     def __repr__(self) -> str:
         return f"Run({str(self.path)!r})"
+
+
+def finished_runs(run_dirs: Iterable[str | Path]) -> list[Run]:
+    """The runs among ``run_dirs`` that have finished (``metrics.json`` written); the others
+    are skipped with a note on stderr, so a table can be made while a sweep still runs."""
+    done = []
+    for d in run_dirs:
+        run = Run.open(d)
+        if (run.path / "metrics.json").is_file():
+            done.append(run)
+        else:
+            print(f"skipping {run.path}: not finished", file=sys.stderr)
+    return done

@@ -20,7 +20,6 @@ inference and training FLOPs, time spent updating masks; path-length statistics 
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -37,7 +36,7 @@ from branchnet.config import DATA_DEFAULTS, ConfigError, load_config, load_data,
 from branchnet.data.batches import TensorPairs
 from branchnet.engine import TrainConfig, fit
 from branchnet.report import Report, plot_training_curves
-from branchnet.runs import Run
+from branchnet.runs import Run, finished_runs
 
 __all__ = ["DEFAULTS", "load_plastic_config", "run_plastic", "summary_row"]
 
@@ -283,13 +282,7 @@ def compare_plastic(run_dirs: list[str | Path]) -> str:
     """Mean ± std per (task, rule or mode, density) over finished runs, as a table."""
     from branchnet.metrics import mean_std_rows
 
-    rows = []
-    for d in run_dirs:
-        run = Run.open(d)
-        if not (run.path / "metrics.json").is_file():
-            print(f"skipping {run.path}: not finished", file=sys.stderr)
-            continue
-        rows.append(summary_row(run.read_metrics()))
+    rows = [summary_row(run.read_metrics()) for run in finished_runs(run_dirs)]
     keys = ("rule", "density") if rows and "rule" in rows[0] else ("mode",)
     table = mean_std_rows([r for r in rows if all(k in r for k in keys)], keys)
     return metrics.format_table(table) if table else "no finished runs"

@@ -12,7 +12,6 @@ independent 4-ensembles.
 from __future__ import annotations
 
 import itertools
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ from safetensors.torch import load_file
 
 from branchnet.analysis.diversity import ensemble_report
 from branchnet.metrics import format_table, mean_std_rows
-from branchnet.runs import Run
+from branchnet.runs import Run, finished_runs
 from branchnet.virtual.merge import branch_probs, merge_probs
 
 __all__ = ["compare_vruns", "independent_ensembles", "sweep_grid"]
@@ -72,11 +71,7 @@ def compare_vruns(run_dirs: list[str | Path]) -> str:
     """A markdown table of mean ± std per (branches, shared_frac, bagging), with independent
     ensembles made of the single-branch runs."""
     rows, singles = [], []
-    for d in run_dirs:
-        run = Run.open(d)
-        if not (run.path / "metrics.json").is_file():
-            print(f"skipping {run.path}: not finished", file=sys.stderr)
-            continue
+    for run in finished_runs(run_dirs):
         row, result = _row(run)
         rows.append(row)
         if result.get("task") == "classify" and result["branches"] == 1:

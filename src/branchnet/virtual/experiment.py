@@ -47,7 +47,7 @@ from branchnet.report import Report, plot_training_curves
 from branchnet.runs import Run
 from branchnet.virtual import models as vmodels
 from branchnet.virtual.bagging import BaggedPairs, BranchBags
-from branchnet.virtual.merge import MERGES, branch_probs, ensemble_score, merge_probs, per_branch_loss
+from branchnet.virtual.merge import branch_probs, check_merge, ensemble_score, merge_probs, per_branch_loss
 
 __all__ = ["DEFAULTS", "VBranchError", "build_vmodel_for", "evaluate_classifier", "load_vbranch_config",
            "load_vrun_model", "run_vbranch"]
@@ -94,12 +94,10 @@ def load_vbranch_config(path: str | Path, overrides: list[str] | None = None) ->
 def check_config(cfg: dict[str, Any]) -> None:
     if cfg["task"] not in TASKS:
         raise ConfigError(f"task must be one of {list(TASKS)}, got {cfg['task']!r}")
-    if cfg["merge"] not in MERGES:
-        raise ConfigError(f"merge must be one of {list(MERGES)}, got {cfg['merge']!r}")
-    head = "embedding" if cfg["task"] == "embed" else "classifier"
-    if (cfg["merge"] == "concat") != (head == "embedding"):
-        allowed = ["concat"] if head == "embedding" else ["before_mean", "after_mean"]
-        raise ConfigError(f"merge {cfg['merge']!r} does not match a {head} head; use one of {allowed}")
+    try:
+        check_merge(cfg["merge"], "embedding" if cfg["task"] == "embed" else "classifier")
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
 
 
 def build_vmodel_for(spec: dict[str, Any], num_classes: int, input_shape: tuple[int, ...],
