@@ -23,6 +23,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import time
@@ -408,7 +409,7 @@ def cmd_vbranch_sweep(args: argparse.Namespace) -> int:
     done = []
     grid = sweep_grid(args.branches, args.shared, args.bagging, args.seeds)
     for i, g in enumerate(grid):
-        cfg = json.loads(json.dumps(base))
+        cfg = copy.deepcopy(base)
         cfg["model"].update(branches=g["branches"], shared_frac=g["shared_frac"])
         cfg["bagging"]["mode"] = g["bagging"]
         cfg["seed"] = g["seed"]

@@ -94,11 +94,10 @@ def _sparsity_callback(cfg: dict[str, Any], example: torch.Tensor) -> Any:
     from branchnet.plastic.callback import DynamicSparsity
 
     s = cfg["sparsity"]
-    t_end = s["t_end"]
     return DynamicSparsity(
         s["rule"], density=float(s["density"]), distribution=s["distribution"],
         dense_first=s["dense_first"], dense_last=s["dense_last"], delta_t=int(s["delta_t"]),
-        t_end=float(t_end) if isinstance(t_end, float) else int(t_end), alpha=s["alpha"],
+        t_end=s["t_end"], alpha=s["alpha"],
         alpha_schedule=s["alpha_schedule"], seed=cfg["seed"], example_input=example)
 
 
@@ -205,7 +204,6 @@ def _build_paths(cfg: dict[str, Any], data: Any) -> tuple[nn.Module, Any]:
     if len(data.input_shape) != 3:
         raise ConfigError(f"task: paths needs images [C, H, W]; the data's inputs have shape "
                           f"{tuple(data.input_shape)}")
-    t_end = p["t_end"]
     try:
         with torch.random.fork_rng():
             torch.manual_seed(cfg["seed"])
@@ -216,7 +214,7 @@ def _build_paths(cfg: dict[str, Any], data: Any) -> tuple[nn.Module, Any]:
                 survival_last=p["survival_last"], seed=cfg["seed"])
         controller = PathPlasticity(every=int(p["every"]), n_swap=int(p["n_swap"]),
                                     criterion=p["criterion"],
-                                    t_end=float(t_end) if isinstance(t_end, float) else int(t_end),
+                                    t_end=p["t_end"],
                                     seed=cfg["seed"])
     except (ValueError, TypeError) as e:
         raise ConfigError(f"paths: {e}") from e

@@ -89,7 +89,7 @@ def sweep_grid(branches: list[int], shared: list[float], bagging: list[str],
     grid = [{"branches": k, "shared_frac": s, "bagging": b, "seed": seed}
             for k, s, b, seed in itertools.product(branches, shared, bagging, seeds) if k > 1]
     if 1 in branches:
-        n_single = max([k for k in branches] + [1]) * len(seeds)
+        n_single = max(branches) * len(seeds)
         grid = [{"branches": 1, "shared_frac": 0.0, "bagging": "none", "seed": s}
                 for s in range(n_single)] + grid
     return grid
