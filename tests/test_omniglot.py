@@ -27,7 +27,7 @@ from branchnet.data.omniglot import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-OMNIGLOT_DIRS = [Path("/work/shared/data/omniglot"), REPO / ".." / "shared" / "data" / "omniglot"]
+OMNIGLOT_DIR = (REPO / ".." / "shared" / "data" / "omniglot").resolve()
 
 
 # --- synthetic Omniglot ----------------------------------------------------------------------
@@ -280,11 +280,10 @@ def test_omniglot_set_checks_lengths():
 
 
 def _real_dir() -> Path:
-    for d in OMNIGLOT_DIRS:
-        if (d / "images_background_small1.zip").is_file() and (d / "images_background_small2.zip").is_file():
-            return d
-    pytest.skip(f"real Omniglot zips not found in {[str(d) for d in OMNIGLOT_DIRS]} "
-                "(../shared/data/omniglot is absent)")
+    d = OMNIGLOT_DIR
+    if (d / "images_background_small1.zip").is_file() and (d / "images_background_small2.zip").is_file():
+        return d
+    pytest.skip(f"real Omniglot zips not found in {d} (../shared/data/omniglot is absent)")
 
 
 @pytest.mark.realdata
