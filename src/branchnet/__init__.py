@@ -5,9 +5,8 @@
 ['animals', 'vehicles']
 """
 
-__version__ = "0.1.0"
-
 from branchnet import analysis, data, engine, metrics, models, selective
+from branchnet._version import __version__ as __version__
 from branchnet.cache import ActivationCache, CachedActivations
 from branchnet.data.hierarchy import Hierarchy
 from branchnet.engine import TrainConfig

@@ -53,9 +53,10 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from branchnet import __version__
+from branchnet._version import __version__
 from branchnet.data.batches import collate_batch
 from branchnet.data.dataset import Split, tensor_fingerprint
+from branchnet.errors import BranchnetError
 from branchnet.taps import _check_rows, module_fingerprint, tap
 
 __all__ = [
@@ -86,7 +87,7 @@ _MAX_HEADER = 100 * 1024 * 1024
 _META_FIELDS = ("format", "format_version", "key", "layer", "dtype", "shape", "rows", "shards")
 
 
-class CacheError(RuntimeError):
+class CacheError(BranchnetError, RuntimeError):
     """Raised when a cache entry is missing, incomplete or corrupted."""
 
 

@@ -28,12 +28,14 @@ from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from branchnet.errors import BranchnetError
+
 _STRUCT_KEY = "branchnet.structure"
 # marker keys of the JSON encoding; a dict using one of them is stored as an item list
 _MARKERS = frozenset({"__tensor__", "__tuple__", "__items__", "__float__", "__str__"})
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(BranchnetError, RuntimeError):
     """A checkpoint file is missing, damaged, or holds something that cannot be stored safely."""
 
 

@@ -35,6 +35,7 @@ from branchnet.config import DATA_DEFAULTS, load_config, load_data, merge_config
 from branchnet.data import Data, Split
 from branchnet.data.batches import TensorPairs
 from branchnet.engine import TrainConfig, fit
+from branchnet.errors import BranchnetError
 from branchnet.report import Report, plot_training_curves
 from branchnet.runs import Run
 from branchnet.taps import layer_names
@@ -60,7 +61,7 @@ _MODEL_CLASSES: dict[str, type[nn.Module]] = {
 }
 
 
-class ClassifierError(ValueError):
+class ClassifierError(BranchnetError, ValueError):
     """A classifier config or saved model is invalid."""
 
 

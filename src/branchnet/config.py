@@ -22,11 +22,7 @@ from typing import Any
 import yaml
 
 from branchnet.data import Data, load
-
-
-class ConfigError(ValueError):
-    """A config file, key or override is invalid."""
-
+from branchnet.errors import ConfigError
 
 #: the ``data`` section shared by every experiment (arguments of :func:`branchnet.data.load`)
 DATA_DEFAULTS: dict[str, Any] = {

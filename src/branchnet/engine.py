@@ -39,13 +39,14 @@ from torch.utils.data import Dataset
 
 from branchnet.checkpoint import SafetensorsCheckpointIO, load_checkpoint
 from branchnet.data.batches import make_loader
+from branchnet.errors import BranchnetError
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 LR_SCHEDULES = (None, "cosine", "step")
 _FUSED = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 4) or None
 
 
-class TrainingError(RuntimeError):
+class TrainingError(BranchnetError, RuntimeError):
     """Training cannot go on (NaN loss, bad configuration)."""
 
 

@@ -19,9 +19,6 @@ Example:
 
 from __future__ import annotations
 
-import json
-import math
-import os
 import sys
 import time
 from collections.abc import Iterable
@@ -31,30 +28,12 @@ from typing import Any
 import yaml
 from matplotlib.figure import Figure
 
+from branchnet.errors import BranchnetError
+from branchnet.fileio import atomic_write_text, jsonable, read_json, write_json
 
-class RunError(FileNotFoundError):
+
+class RunError(BranchnetError, FileNotFoundError):
     """A run folder is missing or incomplete."""
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _clean(obj: Any) -> Any:
-    """JSON-safe copy: NaN/inf become None, tuples lists, tensors and numpy scalars numbers."""
-    if isinstance(obj, dict):
-        return {str(k): _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    if hasattr(obj, "item") and getattr(obj, "ndim", 1) == 0:
-        obj = obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
 
 
 class Run:
@@ -95,7 +74,7 @@ class Run:
 
     def write_config(self, config: dict[str, Any]) -> Path:
         p = self.path / "config.yaml"
-        _atomic_write(p, yaml.safe_dump(_clean(config), sort_keys=False))
+        atomic_write_text(p, yaml.safe_dump(jsonable(config), sort_keys=False))
         return p
 
     def read_config(self) -> dict[str, Any]:
@@ -103,14 +82,14 @@ class Run:
 
     def write_metrics(self, metrics: dict[str, Any], name: str = "metrics.json") -> Path:
         p = self.path / name
-        _atomic_write(p, json.dumps(_clean(metrics), indent=1))
+        write_json(p, metrics)
         return p
 
     def read_metrics(self, name: str = "metrics.json") -> dict[str, Any]:
         p = self.path / name
         if not p.is_file():
             raise RunError(f"{p} does not exist; the run has not finished")
-        return json.loads(p.read_text())
+        return read_json(p, RunError)
 
     def save_figure(self, fig: Figure, name: str) -> Path:
         self.figures.mkdir(exist_ok=True)

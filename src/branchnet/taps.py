@@ -44,13 +44,14 @@ from torch import nn
 from tqdm import tqdm
 
 from branchnet.data.dataset import Split
+from branchnet.errors import BranchnetError
 
 __all__ = ["Tap", "TapError", "extract", "layer_names", "module_fingerprint", "tap"]
 
 _MAX_LISTED_NAMES = 40
 
 
-class TapError(ValueError):
+class TapError(BranchnetError, ValueError):
     """Raised when a layer cannot be tapped: unknown name, untraceable model, odd output."""
 
 

@@ -32,6 +32,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from branchnet.errors import BranchnetError
+
 __all__ = [
     "AnalysisError",
     "Partition",
@@ -47,7 +49,7 @@ __all__ = [
 _MAX_LISTED = 10
 
 
-class AnalysisError(ValueError):
+class AnalysisError(BranchnetError, ValueError):
     """Raised when an analysis cannot run: bad partition, unbranched layer, too few samples."""
 
 

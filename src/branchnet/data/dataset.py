@@ -20,8 +20,10 @@ from typing import Any
 
 import torch
 
+from branchnet.errors import BranchnetError
 
-class DataError(ValueError):
+
+class DataError(BranchnetError, ValueError):
     """Raised when data is missing, malformed or inconsistent."""
 
 

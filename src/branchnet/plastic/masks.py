@@ -45,11 +45,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from branchnet.errors import BranchnetError
+
 DISTRIBUTIONS = ("uniform", "er", "erk")
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 
-class SparsityError(ValueError):
+class SparsityError(BranchnetError, ValueError):
     """Bad sparsity settings, or a model / mask that does not fit them."""
 
 

@@ -39,6 +39,7 @@ from branchnet.data.dataset import Data, Split
 from branchnet.data.hierarchy import Hierarchy
 from branchnet.data.imagefolder import default_cache_dir
 from branchnet.engine import TrainConfig, fit
+from branchnet.errors import BranchnetError
 from branchnet.selective import coverage_threshold, sgr_threshold
 from branchnet.taps import layer_names
 from branchnet.tree.layout import TreeLayout
@@ -49,7 +50,7 @@ HeadFactory = Callable[[int, int], nn.Module]
 FORMAT_VERSION = 1
 
 
-class TreeError(ValueError):
+class TreeError(BranchnetError, ValueError):
     """The tree cannot be built, fitted or used as asked."""
 
 

@@ -43,6 +43,7 @@ from branchnet.classifier import model_outputs as outputs_of
 from branchnet.config import DATA_DEFAULTS, ConfigError, load_config, load_data, merge_config, resolve_paths
 from branchnet.data.batches import TensorPairs
 from branchnet.engine import TrainConfig, fit
+from branchnet.errors import BranchnetError
 from branchnet.report import Report, plot_training_curves
 from branchnet.runs import Run
 from branchnet.virtual import models as vmodels
@@ -80,7 +81,7 @@ _BUILDERS: dict[str, str] = {"mlp": "vmlp", "cnn": "vcnn", "resnet": "vresnet",
                              "resnet18": "vresnet18", "densenet": "vdensenet_bc"}
 
 
-class VBranchError(ValueError):
+class VBranchError(BranchnetError, ValueError):
     """A virtual-branch config or run folder is invalid."""
 
 
