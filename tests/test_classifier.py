@@ -14,9 +14,9 @@ import torch
 import yaml
 
 from branchnet import models
-from branchnet.classifier import load_model, predict_proba
-from branchnet.config import load_data
+from branchnet.classifier import ClassifierExperiment
 from branchnet.runs import Run
+from branchnet.saved_model import load_model, predict_proba
 from branchnet.taps import extract
 from cli_helpers import run_cli, write_config
 
@@ -139,7 +139,7 @@ def test_load_model_reproduces_the_test_predictions(fitted: tuple[Path, str]) ->
     model, meta = load_model(run)
     cfg = Run.open(run).read_config()
     cfg["progress"] = False
-    data = load_data(cfg)
+    data = ClassifierExperiment(cfg).load_data()
     pred = predict_proba(model, data.test.x).argmax(1)
     acc = float((pred == data.test.y).double().mean())
     assert acc == pytest.approx(json.loads((run / "metrics.json").read_text())["accuracy"])
@@ -171,7 +171,7 @@ def test_model_fit_alexnet_on_digits(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("change", "message"), [
     ({"modle": {"kind": "mlp"}}, "unknown config key 'modle'"),
     ({"train": {"epoch": 3}}, "unknown config key 'train.epoch'"),
-    ({"model": {"kind": "resnet"}}, "unknown model kind 'resnet'"),
+    ({"model": {"kind": "resnet"}}, "model.kind must be one of ['alexnet', 'cnn', 'mlp'], got 'resnet'"),
     ({"model": {"kind": "alexnet", "widht": [8, 8, 8]}}, "unknown option(s) ['widht']"),
 ])
 def test_config_errors_exit_with_code_2(tmp_path: Path, change: dict[str, Any],

@@ -1,4 +1,4 @@
-"""A plasticity experiment from a YAML config: ``branchnet plastic fit CONFIG``.
+"""The ``plastic`` run kind: a plasticity experiment from a YAML config (``branchnet plastic fit``).
 
 Two tasks in one harness (same data, optimizer, schedule, batch and epochs for every rule):
 
@@ -21,169 +21,186 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, ClassVar, Literal
 
 import torch
-import yaml
+from pydantic import Field
 from safetensors.torch import save_file
 from torch import nn
 
-from branchnet import metrics
-from branchnet.checkpoint import save_weights
-from branchnet.classifier import build_model, model_outputs
-from branchnet.config import DATA_DEFAULTS, ConfigError, load_config, load_data, merge_config, resolve_paths
+from branchnet import metrics, zoo
 from branchnet.data.batches import TensorPairs
-from branchnet.engine import TrainConfig, fit
-from branchnet.report import Report, plot_training_curves
+from branchnet.engine import fit
+from branchnet.errors import ConfigError
+from branchnet.plastic.callback import DynamicSparsity
+from branchnet.plastic.masks import DISTRIBUTIONS
+from branchnet.plastic.path_stats import plot_path_lengths
+from branchnet.plastic.paths import CRITERIA, PathPlasticity, PlasticResNet, path_length_distribution
+from branchnet.plastic.resnet_paths import BLOCK_KINDS, CANDIDATE_PATTERNS, MODES
+from branchnet.plastic.rules import ALPHA_SCHEDULES
+from branchnet.protocol import Experiment, fit_record
+from branchnet.report import Report
 from branchnet.runs import Run, finished_runs
+from branchnet.saved_model import model_outputs, save_model
+from branchnet.schema import DataSection, PositiveInt, Section, Seed, TrainSection
+from branchnet.virtual.merge import ensemble_score, merge_probs, per_branch_loss
 
-__all__ = ["DEFAULTS", "load_plastic_config", "run_plastic", "summary_row"]
+__all__ = ["PlasticConfig", "PlasticExperiment", "summary_row"]
 
-DEFAULTS: dict[str, Any] = {
-    "name": "plastic",
-    "seed": 0,
-    "task": "sparse",
-    "data": {**DATA_DEFAULTS, "split_seed": 0},
-    "model": {"kind": "mlp", "sizes": ["auto", 256, 128]},
-    "sparsity": {"rule": "rigl", "density": 0.1, "distribution": "erk", "dense_first": False,
-                 "dense_last": False, "delta_t": 100, "t_end": 0.75, "alpha": 0.3,
-                 "alpha_schedule": "cosine"},
-    "paths": {"mode": "plastic", "widths": [16, 32, 64], "blocks_per_stage": 3,
-              "candidates": "skip2", "max_active": None, "candidate_block": "basic",
-              "every": 100, "n_swap": 1, "criterion": "gradient", "t_end": 0.75,
-              "survival_last": 0.5},
-    "train": TrainConfig().to_dict(),
-    "progress": True,
-}
-
-TASKS = ("sparse", "paths")
 SPARSE_RULES = ("dense", "static", "set", "rigl", "snfs")
-_PLAIN = ("mlp", "cnn", "alexnet")
+#: the model kinds of ``task: sparse``: plain classifiers and virtual-branch models
+PLASTIC_MODELS = {"mlp": "mlp", "cnn": "cnn", "alexnet": "alexnet", "vmlp": "vmlp",
+                  "vcnn": "vcnn", "resnet": "vresnet", "resnet18": "vresnet18",
+                  "densenet": "vdensenet_bc"}
+#: ``t_end``: a fraction of training in (0, 1], or a step count
+TEnd = Annotated[float, Field(gt=0, le=1, allow_inf_nan=False, strict=True)] | Annotated[int, Field(ge=0)]
 
 
-def load_plastic_config(path: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
-    """Read a plasticity YAML config, apply ``key.sub=value`` overrides, merge into the defaults."""
-    cfg = load_config(path, overrides, defaults=DEFAULTS)
-    check_config(cfg)
-    return cfg
+class SparsitySection(Section):
+    rule: Literal[SPARSE_RULES] = "rigl"  # type: ignore[valid-type]
+    density: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)] = 0.1
+    distribution: Literal[DISTRIBUTIONS] = "erk"  # type: ignore[valid-type]
+    dense_first: bool = False
+    dense_last: bool = False
+    delta_t: PositiveInt = 100
+    t_end: TEnd = 0.75
+    alpha: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)] = 0.3
+    alpha_schedule: Literal[ALPHA_SCHEDULES] = "cosine"  # type: ignore[valid-type]
 
 
-def check_config(cfg: dict[str, Any]) -> None:
-    if cfg["task"] not in TASKS:
-        raise ConfigError(f"task must be one of {list(TASKS)}, got {cfg['task']!r}")
-    if cfg["task"] == "sparse" and cfg["sparsity"]["rule"] not in SPARSE_RULES:
-        raise ConfigError(f"sparsity.rule must be one of {list(SPARSE_RULES)}, "
-                          f"got {cfg['sparsity']['rule']!r}")
+class PathsSection(Section):
+    mode: Literal[MODES] = "plastic"  # type: ignore[valid-type]
+    widths: list[PositiveInt] = Field(default_factory=lambda: [16, 32, 64])
+    blocks_per_stage: PositiveInt = 3
+    candidates: Literal[CANDIDATE_PATTERNS] | list[list[int]] = "skip2"  # type: ignore[valid-type]
+    max_active: PositiveInt | None = None
+    candidate_block: Literal[BLOCK_KINDS] = "basic"  # type: ignore[valid-type]
+    every: PositiveInt = 100
+    n_swap: PositiveInt = 1
+    criterion: Literal[CRITERIA] = "gradient"  # type: ignore[valid-type]
+    t_end: TEnd = 0.75
+    survival_last: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)] = 0.5
 
 
-def _build_sparse_model(cfg: dict[str, Any], data: Any) -> tuple[nn.Module, bool]:
-    """(model, is_virtual) for ``task: sparse``."""
-    kind = cfg["model"].get("kind")
-    if kind in _PLAIN:
-        return build_model(cfg["model"], data, cfg["seed"]), False
-    from branchnet.virtual.experiment import build_vmodel_for
+class PlasticConfig(Section):
+    name: str = "plastic"
+    seed: Seed = 0
+    task: Literal["sparse", "paths"] = "sparse"
+    data: DataSection = Field(default_factory=lambda: DataSection(split_seed=0))
+    #: free-form: {kind: one of PLASTIC_MODELS, ...the model's own arguments}
+    model: dict[str, Any] = Field(
+        default_factory=lambda: {"kind": "mlp", "sizes": ["auto", 256, 128]})
+    sparsity: SparsitySection = Field(default_factory=SparsitySection)
+    paths: PathsSection = Field(default_factory=PathsSection)
+    train: TrainSection = Field(default_factory=TrainSection)
+    progress: bool = True
 
-    spec = dict(cfg["model"])
-    spec["kind"] = {"vmlp": "mlp", "vcnn": "cnn"}.get(kind, kind)
-    spec.setdefault("branches", 1)
-    return build_vmodel_for(spec, data.num_classes, tuple(data.input_shape), cfg["seed"]), True
+
+def _test_metrics(model: nn.Module, x: torch.Tensor, y: torch.Tensor, virtual: bool) -> dict[str, Any]:
+    out = model_outputs(model, x)
+    probs = merge_probs(out, "before_mean") if virtual else torch.softmax(out, dim=-1)
+    return {"accuracy": metrics.accuracy(probs.argmax(1), y), "nll": metrics.nll(probs, y),
+            "ece": metrics.ece(probs, y), "brier": metrics.brier(probs, y), "n_test": len(y)}
+
+
+class PlasticExperiment(Experiment):
+    kind = "plastic"
+    schema = PlasticConfig
+    captions: ClassVar[dict[str, str]] = {"training": "training curves",
+                                          "path_lengths": "path lengths"}
+
+    @classmethod
+    def check(cls, cfg: dict[str, Any]) -> None:
+        super().check(cfg)
+        if cfg["task"] == "sparse":
+            zoo.check_spec(cfg["model"], PLASTIC_MODELS)
+
+    def setup(self) -> None:
+        super().setup()
+        cfg, data = self.cfg, self.data
+        assert data is not None
+        self.callbacks: list[Any] = []
+        self.virtual = False
+        if cfg["task"] == "sparse":
+            spec = dict(cfg["model"])
+            self.virtual = zoo.MODELS[PLASTIC_MODELS[spec["kind"]]].virtual
+            if self.virtual:
+                spec.setdefault("branches", 1)
+            self.model = zoo.build(spec, num_classes=data.num_classes, input_shape=data.input_shape,
+                                   seed=cfg["seed"], aliases=PLASTIC_MODELS)
+            if cfg["sparsity"]["rule"] != "dense":
+                self.callbacks.append(_sparsity_callback(cfg, data.train.x[:1]))
+            self.what = f"{cfg['sparsity']['rule']} at density {cfg['sparsity']['density']}"
+        else:
+            self.model, controller = _build_paths(cfg, data)
+            self.callbacks.append(controller)
+            self.what = f"paths ({cfg['paths']['mode']})"
+        self.say(f"model      {getattr(self.model, 'spec', type(self.model).__name__)} "
+                 f"({zoo.num_parameters(self.model):,} parameters), {self.what}")
+
+    def fit(self, run: Run, resume: bool) -> dict[str, Any]:
+        cfg, data, model, callbacks = self.cfg, self.data, self.model, self.callbacks
+        assert data is not None
+        val = TensorPairs(data.val.x, data.val.y) if len(data.val) else None
+        loss_fn, score_fn = (per_branch_loss, ensemble_score) if self.virtual else (None, None)
+        t_train = time.perf_counter()
+        res = fit(model, TensorPairs(data.train.x, data.train.y), val,
+                  self.train_config(cfg["train"]), workdir=run.work / "model", resume=resume,
+                  loss_fn=loss_fn, score_fn=score_fn, callbacks=callbacks,
+                  description=self.what)
+        train_seconds = time.perf_counter() - t_train
+        result: dict[str, Any] = {
+            "task": cfg["task"], **_test_metrics(model, data.test.x, data.test.y, self.virtual),
+            "parameters": zoo.num_parameters(model), "train_seconds": train_seconds,
+            "fit": fit_record(res), "data": {"summary": data.summary(), "classes": data.classes}}
+        model_dir = run.path / "model"
+        save_model(model, model_dir, {"task": cfg["task"], "classes": data.classes,
+                                      "input_shape": list(data.input_shape)})
+        if cfg["task"] == "sparse":
+            s = cfg["sparsity"]
+            result.update(rule=s["rule"], density=float(s["density"]) if s["rule"] != "dense"
+                          else 1.0, distribution=s["distribution"])
+            if callbacks:
+                cb = callbacks[0]
+                if res.best_checkpoint:  # fit restored the best epoch's weights: and its masks
+                    cb.masks = cb.load_masks(res.best_checkpoint)
+                result["sparsity"] = _sparsity_summary(cb, train_seconds)
+                save_file({n: m.to(torch.uint8) for n, m in cb.masks.items()},
+                          str(model_dir / "masks.safetensors"))
+        else:
+            result.update(mode=cfg["paths"]["mode"], paths=_paths_summary(model, callbacks[0]))
+            if callbacks[0].epochs:
+                plot_path_lengths(callbacks[0].history, run.figures / "path_lengths.png")
+        return result
+
+    def report(self, rep: Report, run: Run, result: dict[str, Any]) -> None:
+        sp = result.get("sparsity")
+        if sp:
+            rep.add_heading("Sparsity")
+            rep.add_table([{"layer": k, "density": v} for k, v in sp["layer_densities"].items()])
+            if sp.get("flops"):
+                rep.add_pre(json.dumps({k: v for k, v in sp["flops"].items()
+                                        if not isinstance(v, dict)}, indent=1))
+        if result.get("paths"):
+            rep.add_heading("Paths")
+            rep.add_pre(json.dumps({k: v for k, v in result["paths"].items() if k != "history"}))
+
+    @classmethod
+    def summary_rows(cls, result: dict[str, Any]) -> list[dict[str, Any]]:
+        return [summary_row(result)]
+
+    @classmethod
+    def compare(cls, runs: list[Run]) -> str:
+        return compare_plastic([r.path for r in runs])
 
 
 def _sparsity_callback(cfg: dict[str, Any], example: torch.Tensor) -> Any:
-    from branchnet.plastic.callback import DynamicSparsity
-
     s = cfg["sparsity"]
     return DynamicSparsity(
         s["rule"], density=float(s["density"]), distribution=s["distribution"],
         dense_first=s["dense_first"], dense_last=s["dense_last"], delta_t=int(s["delta_t"]),
         t_end=s["t_end"], alpha=s["alpha"],
         alpha_schedule=s["alpha_schedule"], seed=cfg["seed"], example_input=example)
-
-
-def _test_metrics(model: nn.Module, x: torch.Tensor, y: torch.Tensor, virtual: bool) -> dict[str, Any]:
-    out = model_outputs(model, x)
-    if virtual:
-        from branchnet.virtual.merge import merge_probs
-
-        probs = merge_probs(out, "before_mean")
-    else:
-        probs = torch.softmax(out, dim=-1)
-    return {"accuracy": metrics.accuracy(probs.argmax(1), y), "nll": metrics.nll(probs, y),
-            "ece": metrics.ece(probs, y), "brier": metrics.brier(probs, y), "n_test": len(y)}
-
-
-def run_plastic(cfg: dict[str, Any], run: Run, resume: bool = False,
-                config_dir: Path | None = None, quiet: bool = False) -> dict[str, Any]:
-    """Train, evaluate, save and report one plasticity run; returns its metrics."""
-    t0 = time.perf_counter()
-    say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
-    cfg = resolve_paths(merge_config(DEFAULTS, cfg), config_dir)
-    check_config(cfg)
-    if resume and (run.path / "metrics.json").is_file():  # finished: nothing to do again
-        return run.read_metrics()
-    run.write_config(cfg)
-    data = load_data(cfg, config_dir)
-    say(f"data       {data.summary()}")
-    train_cfg = TrainConfig.from_dict({**cfg["train"], "seed": cfg["seed"],
-                                       "progress": cfg["progress"]})
-    val = TensorPairs(data.val.x, data.val.y) if len(data.val) else None
-    train = TensorPairs(data.train.x, data.train.y)
-    callbacks: list[Any] = []
-    virtual = False
-    loss_fn = score_fn = None
-    if cfg["task"] == "sparse":
-        model, virtual = _build_sparse_model(cfg, data)
-        if virtual:
-            from branchnet.virtual.merge import ensemble_score, per_branch_loss
-
-            loss_fn, score_fn = per_branch_loss, ensemble_score
-        if cfg["sparsity"]["rule"] != "dense":
-            callbacks.append(_sparsity_callback(cfg, data.train.x[:1]))
-        what = f"{cfg['sparsity']['rule']} at density {cfg['sparsity']['density']}"
-    else:
-        model, controller = _build_paths(cfg, data)
-        callbacks.append(controller)
-        what = f"paths ({cfg['paths']['mode']})"
-    n_params = sum(p.numel() for p in model.parameters())
-    say(f"model      {getattr(model, 'spec', type(model).__name__)} ({n_params:,} parameters), {what}")
-    t_train = time.perf_counter()
-    res = fit(model, train, val, train_cfg, workdir=run.work / "model", resume=resume,
-              loss_fn=loss_fn, score_fn=score_fn, callbacks=callbacks, description=what)
-    train_seconds = time.perf_counter() - t_train
-    result: dict[str, Any] = {"task": cfg["task"], **_test_metrics(model, data.test.x, data.test.y, virtual),
-                              "parameters": n_params, "train_seconds": train_seconds,
-                              "fit": {k: v for k, v in res.to_dict().items() if k != "best_checkpoint"},
-                              "data": {"summary": data.summary(), "classes": data.classes}}
-    model_dir = run.path / "model"
-    model_dir.mkdir(parents=True, exist_ok=True)
-    save_weights(model.state_dict(), model_dir / "weights.safetensors")
-    if cfg["task"] == "sparse":
-        result.update(rule=cfg["sparsity"]["rule"], density=float(cfg["sparsity"]["density"])
-                      if cfg["sparsity"]["rule"] != "dense" else 1.0,
-                      distribution=cfg["sparsity"]["distribution"])
-        if callbacks:
-            cb = callbacks[0]
-            if res.best_checkpoint:  # fit restored the best epoch's weights: and its masks
-                cb.masks = cb.load_masks(res.best_checkpoint)
-            result["sparsity"] = _sparsity_summary(cb, train_seconds)
-            save_file({n: m.to(torch.uint8) for n, m in cb.masks.items()},
-                      str(model_dir / "masks.safetensors"))
-    else:
-        result.update(mode=cfg["paths"]["mode"], paths=_paths_summary(model, callbacks[0]))
-        from branchnet.plastic.paths import plot_path_lengths
-
-        if callbacks[0].epochs:
-            plot_path_lengths(callbacks[0].history, run.figures / "path_lengths.png")
-    (model_dir / "model.json").write_text(json.dumps(
-        {"spec": getattr(model, "spec", None), "task": cfg["task"], "classes": data.classes,
-         "input_shape": list(data.input_shape)}, indent=1))
-    result["seconds"] = time.perf_counter() - t0
-    run.write_metrics(result)
-    run.save_figure(plot_training_curves({"model": run.work / "model" / "metrics.csv"}), "training")
-    write_report(run, cfg, result)
-    say("\n" + metrics.format_table([summary_row(result)]))
-    return result
 
 
 def _sparsity_summary(cb: Any, train_seconds: float) -> dict[str, Any]:
@@ -198,8 +215,6 @@ def _sparsity_summary(cb: Any, train_seconds: float) -> dict[str, Any]:
 
 
 def _build_paths(cfg: dict[str, Any], data: Any) -> tuple[nn.Module, Any]:
-    from branchnet.plastic.paths import PathPlasticity, PlasticResNet
-
     p = cfg["paths"]
     if len(data.input_shape) != 3:
         raise ConfigError(f"task: paths needs images [C, H, W]; the data's inputs have shape "
@@ -222,8 +237,6 @@ def _build_paths(cfg: dict[str, Any], data: Any) -> tuple[nn.Module, Any]:
 
 
 def _paths_summary(model: Any, controller: Any) -> dict[str, Any]:
-    from branchnet.plastic.paths import path_length_distribution
-
     return {"active": model.active_indices(), "spans": [list(s) for s in model.spans],
             "gates": model.gates().tolist(), "n_swaps": len(controller.swaps),
             "path_lengths": path_length_distribution(model).to_dict(),
@@ -251,36 +264,9 @@ def summary_row(result: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-def write_report(run: Run, cfg: dict[str, Any], result: dict[str, Any]) -> Path:
-    rep = Report(f"branchnet plastic: {cfg['name']}")
-    rep.add_text(result["data"]["summary"])
-    rep.add_heading("Test split")
-    rep.add_table([summary_row(result)])
-    sp = result.get("sparsity")
-    if sp:
-        rep.add_heading("Sparsity")
-        rep.add_table([{"layer": k, "density": v} for k, v in sp["layer_densities"].items()])
-        if sp.get("flops"):
-            rep.add_pre(json.dumps({k: v for k, v in sp["flops"].items() if not isinstance(v, dict)},
-                                   indent=1))
-    if result.get("paths"):
-        rep.add_heading("Paths")
-        rep.add_pre(json.dumps({k: v for k, v in result["paths"].items() if k != "history"}))
-    rep.add_heading("Figures")
-    for name in ("training", "path_lengths"):
-        p = run.figures / f"{name}.png"
-        if p.is_file():
-            rep.add_figure(p, name)
-    rep.add_heading("Configuration")
-    rep.add_pre(yaml.safe_dump(cfg, sort_keys=False))
-    return rep.write(run.path / "report.html")
-
-
-def compare_plastic(run_dirs: list[str | Path]) -> str:
+def compare_plastic(run_dirs: list[Any]) -> str:
     """Mean ± std per (task, rule or mode, density) over finished runs, as a table."""
-    from branchnet.metrics import mean_std_rows
-
     rows = [summary_row(run.read_metrics()) for run in finished_runs(run_dirs)]
     keys = ("rule", "density") if rows and "rule" in rows[0] else ("mode",)
-    table = mean_std_rows([r for r in rows if all(k in r for k in keys)], keys)
+    table = metrics.mean_std_rows([r for r in rows if all(k in r for k in keys)], keys)
     return metrics.format_table(table) if table else "no finished runs"

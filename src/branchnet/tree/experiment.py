@@ -1,73 +1,115 @@
-"""A tree experiment from a YAML config: data, parent, branches, calibration, report.
+"""The ``tree`` run kind: data, parent, branches, calibration, report (``branchnet tree fit``).
 
-This is what ``branchnet tree fit CONFIG`` and ``branchnet demo`` run. The config is merged
-into :data:`DEFAULTS` (unknown keys are errors), written resolved into the run folder, and
-the run can be resumed after an interruption.
+This is what ``branchnet tree fit CONFIG`` and ``branchnet demo`` run through the one runner
+(:func:`branchnet.protocol.run`). The validation split is divided once: one part selects models
+(early stopping), the other, ``calibration.fraction`` of it, only calibrates the abstention
+threshold, so the guarantee's assumption (calibration data independent of the fitted tree)
+holds.
 """
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, ClassVar, Literal
 
 import numpy as np
 import torch
-import yaml
+from matplotlib.figure import Figure
+from pydantic import Field
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from branchnet import metrics, models
-from branchnet.config import DATA_DEFAULTS, load_config, load_data, resolve_paths
+from branchnet import metrics, models, zoo
+from branchnet.checkpoint import CheckpointError
+from branchnet.config import check_file
 from branchnet.data import Data, Split
 from branchnet.data.batches import TensorPairs
 from branchnet.data.hierarchy import Hierarchy
 from branchnet.engine import TrainConfig, fit
-from branchnet.report import Report, plot_training_curves
+from branchnet.errors import ConfigError
+from branchnet.protocol import Experiment
+from branchnet.report import Report
 from branchnet.runs import Run
+from branchnet.schema import (
+    DataSection,
+    OpenFraction,
+    PositiveInt,
+    Section,
+    Seed,
+    TrainSection,
+    train_section,
+)
+from branchnet.taps import layer_names
 from branchnet.tree.evaluate import evaluate, summary_rows
+from branchnet.tree.router import POLICIES, SCORES
 from branchnet.tree.tree import HEAD_TRAIN_DEFAULTS, BranchTree, TreeError
 
-DEFAULTS: dict[str, Any] = {
-    "name": "tree",
-    "seed": 0,
-    "data": DATA_DEFAULTS,
-    "hierarchy": None,
-    "parent": {
-        "model": {"kind": "mlp", "sizes": ["auto", 256, 128], "dropout": 0.0},
-        "tap": "hidden.1",
-        "labels": "fine",
-        "weights": None,
-        "train": {**TrainConfig().to_dict(), "epochs": 20},
-    },
-    "tree": {
-        "router": "parent", "node_input": "parent", "branch_tap": "hidden.0", "policy": "hard",
-        "score": "msp", "backoff": False, "head": {"hidden": 256, "dropout": 0.5},
-        "head_train": {**TrainConfig().to_dict(), **HEAD_TRAIN_DEFAULTS},
-        "cache_dir": None, "cache_dtype": "float16",
-    },
-    "calibration": {"method": "risk", "target_risk": 0.05, "delta": 0.05, "coverage": None,
-                    "threshold": 0.96, "fraction": 0.5},
-    "baselines": False,
-    "progress": True,
-}
+__all__ = ["TreeConfig", "TreeExperiment", "compare_runs", "resolve_hierarchy"]
 
-def load_tree_config(path: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
-    """A tree experiment's YAML config merged into :data:`DEFAULTS`."""
-    return load_config(path, overrides, DEFAULTS)
+#: the parent networks a tree config may name
+PARENT_MODELS = {"mlp": "mlp", "cnn": "cnn"}
+BUILTIN_HIERARCHIES = ("cifar10", "cifar100")
 
 
-def resolve_hierarchy(spec: Any, classes: list[str], config_dir: Path | None) -> Hierarchy:
+class ParentSection(Section):
+    model: dict[str, Any] = Field(
+        default_factory=lambda: {"kind": "mlp", "sizes": ["auto", 256, 128], "dropout": 0.0})
+    tap: str = "hidden.1"
+    labels: Literal["fine", "coarse"] = "fine"
+    weights: str | None = None
+    train: TrainSection = train_section(epochs=20)
+
+
+class HeadSection(Section):
+    hidden: PositiveInt = 256
+    dropout: Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)] = 0.5
+
+
+class TreeSection(Section):
+    router: Literal["parent", "learned"] = "parent"
+    node_input: Literal["parent", "branch"] = "parent"
+    branch_tap: str = "hidden.0"
+    policy: Literal[POLICIES] = "hard"  # type: ignore[valid-type]
+    score: Literal[SCORES] = "msp"  # type: ignore[valid-type]
+    backoff: bool = False
+    head: HeadSection = Field(default_factory=HeadSection)
+    head_train: TrainSection = train_section(**HEAD_TRAIN_DEFAULTS)
+    cache_dir: str | None = None
+    cache_dtype: Literal["float16", "float32"] = "float16"
+
+
+class CalibrationSection(Section):
+    method: Literal["risk", "coverage", "fixed"] = "risk"
+    target_risk: OpenFraction = 0.05
+    delta: OpenFraction = 0.05
+    coverage: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)] | None = None
+    threshold: float | dict[str, float] = 0.96
+    fraction: OpenFraction = 0.5
+
+
+class TreeConfig(Section):
+    name: str = "tree"
+    seed: Seed = 0
+    data: DataSection = Field(default_factory=DataSection)
+    #: free-form: null (flat), a mapping {group: [classes or subgroups]}, a YAML file, or a
+    #: built-in name (cifar10, cifar100)
+    hierarchy: str | dict[str, Any] | None = None
+    parent: ParentSection = Field(default_factory=ParentSection)
+    tree: TreeSection = Field(default_factory=TreeSection)
+    calibration: CalibrationSection = Field(default_factory=CalibrationSection)
+    baselines: bool = False
+    progress: bool = True
+
+
+def resolve_hierarchy(spec: Any, classes: list[str]) -> Hierarchy:
+    """The hierarchy a config names, bound to the data's classes."""
     if spec is None:
         return Hierarchy.flat(classes)
     if isinstance(spec, dict):
         return Hierarchy.from_dict(spec).bind(classes)
-    if isinstance(spec, str) and spec in ("cifar10", "cifar100"):
-        full = Hierarchy.builtin(spec)
-        return _restrict(full, classes)
-    path = Path(spec)
-    if not path.exists() and config_dir is not None:
-        path = config_dir / spec
-    return Hierarchy.from_yaml(path).bind(classes)
+    if spec in BUILTIN_HIERARCHIES:
+        return _restrict(Hierarchy.builtin(spec), classes)
+    return Hierarchy.from_yaml(Path(spec)).bind(classes)
 
 
 def _restrict(h: Hierarchy, classes: list[str]) -> Hierarchy:
@@ -86,65 +128,169 @@ def _restrict(h: Hierarchy, classes: list[str]) -> Hierarchy:
     return Hierarchy.from_dict({"root": prune("root")}).bind(classes)
 
 
-def build_parent(cfg: dict[str, Any], data: Data, hier: Hierarchy) -> torch.nn.Module:
-    spec = dict(cfg["parent"]["model"])
-    if spec.get("kind") not in ("mlp", "cnn"):
-        raise TreeError(f"parent.model.kind must be 'mlp' or 'cnn', got {spec.get('kind')!r}")
-    n_out = len(data.classes) if cfg["parent"]["labels"] == "fine" else len(hier.children("root"))
-    spec["num_classes"] = n_out
-    if spec.get("kind") == "mlp":
-        sizes = list(spec["sizes"])
-        if sizes and sizes[0] == "auto":
-            sizes[0] = int(np.prod(data.input_shape))
-        spec["sizes"] = sizes
-    elif spec.get("kind") == "cnn":
-        spec.setdefault("in_channels", data.input_shape[0])
-        spec.setdefault("widths", [32, 64, 128])
-        spec.setdefault("hidden", 256)
-    with torch.random.fork_rng():
-        torch.manual_seed(cfg["seed"])
-        parent = models.build(spec)
-    weights = cfg["parent"]["weights"]
-    if weights:
-        parent.load_state_dict(load_file(str(weights)))
-    return parent
+class TreeExperiment(Experiment):
+    kind = "tree"
+    schema = TreeConfig
+    contents = "report.html, metrics.json, figures/, tree/"
+    captions: ClassVar[dict[str, str]] = {
+        "training": "training curves (validation)", "risk_coverage": "risk-coverage curve",
+        "confusion": "confusion matrix", "branches": "branches on their own classes"}
+
+    @classmethod
+    def check(cls, cfg: dict[str, Any]) -> None:
+        super().check(cfg)
+        zoo.check_spec(cfg["parent"]["model"], PARENT_MODELS, where="parent.model")
+        check_file(cfg["parent"]["weights"], "parent.weights", "safetensors file")
+        h = cfg["hierarchy"]
+        if isinstance(h, str) and h not in BUILTIN_HIERARCHIES:
+            check_file(h, "hierarchy", f"YAML file or one of {list(BUILTIN_HIERARCHIES)}")
+        c = cfg["calibration"]
+        if c["method"] == "coverage" and c["coverage"] is None:
+            raise ConfigError("calibration.coverage must be a number in (0, 1] when "
+                              "calibration.method is 'coverage', got None")
+
+    def setup(self) -> None:
+        super().setup()
+        cfg, data = self.cfg, self.data
+        assert data is not None
+        self.hierarchy = resolve_hierarchy(cfg["hierarchy"], data.classes)
+        self.say("hierarchy  " + self.hierarchy.render().replace("\n", "\n           "))
+        self.parent = self.build_parent(data)
+        tap = cfg["parent"]["tap"]
+        if tap not in layer_names(self.parent):
+            raise ConfigError(f"parent.tap must be a layer of the parent, got {tap!r}; its layers "
+                              f"are {layer_names(self.parent)}")
+        self.select, self.calibration = data.val.split(cfg["calibration"]["fraction"],
+                                                       seed=cfg["seed"])
+        self.say(f"validation {len(self.select)} inputs for early stopping, {len(self.calibration)} "
+                 "held out for calibration only")
+
+    def build_parent(self, data: Data) -> torch.nn.Module:
+        p = self.cfg["parent"]
+        n_out = len(data.classes) if p["labels"] == "fine" else len(self.hierarchy.children("root"))
+        parent = zoo.build(p["model"], num_classes=n_out, input_shape=data.input_shape,
+                           seed=self.cfg["seed"], aliases=PARENT_MODELS, where="parent.model")
+        if p["weights"]:
+            try:
+                parent.load_state_dict(load_file(p["weights"]))
+            except (SafetensorError, OSError) as e:
+                raise CheckpointError(f"parent.weights {p['weights']} is not a readable "
+                                      f"safetensors file: {e}") from e
+            except RuntimeError as e:
+                raise ConfigError(f"parent.weights {p['weights']} do not fit parent.model "
+                                  f"{p['model']}: {e}") from e
+        return parent
+
+    def make_tree(self, run: Run) -> BranchTree:
+        cfg, t = self.cfg, self.cfg["tree"]
+        head_cfg = t["head"]
+
+        def head(n_in: int, n_out: int) -> torch.nn.Module:
+            return models.branch_head(n_in, n_out, hidden=head_cfg["hidden"],
+                                      dropout=head_cfg["dropout"])
+
+        return BranchTree(
+            self.parent, cfg["parent"]["tap"], router=t["router"], node_input=t["node_input"],
+            branch_tap=t["branch_tap"], head=head, policy=t["policy"], score=t["score"],
+            backoff=t["backoff"], train_parent=not cfg["parent"]["weights"],
+            parent_train=self.train_config(cfg["parent"]["train"]),
+            parent_labels=cfg["parent"]["labels"],
+            head_train=self.train_config(t["head_train"]),
+            workdir=run.work, cache_dir=t["cache_dir"], cache_dtype=t["cache_dtype"],
+            progress=cfg["progress"],
+        )
+
+    def fit(self, run: Run, resume: bool) -> dict[str, Any]:
+        cfg, data = self.cfg, self.data
+        assert data is not None
+        tree = self.make_tree(run)
+        tree.fit(data.train, val=self.select, hierarchy=self.hierarchy, classes=data.classes,
+                 preprocessing=data.preprocessing, resume=resume)
+        c = cfg["calibration"]
+        tree.calibrate(self.calibration, method=c["method"], target_risk=c["target_risk"],
+                       delta=c["delta"], coverage=c["coverage"], threshold=c["threshold"])
+        result, self._figures = evaluate(tree, data.test)
+        result["fit"] = tree.fit_summary_
+        result["data"] = {"summary": data.summary(), "classes": data.classes}
+        if cfg["baselines"]:
+            self.say("baselines  raw-input MLPs of each branch's size, flat parent on the same "
+                     "classes")
+            result["baselines"] = run_baselines(cfg, tree, data, self.select, run)
+        tree.save(run.path / "tree")
+        return result
+
+    def histories(self, run: Run) -> dict[str, Path]:
+        out = {"parent": run.work / "parent" / "metrics.csv"}
+        out.update({f"branch {p.name[3:]}": p / "metrics.csv"
+                    for p in sorted((run.work / "nodes").glob("*")) if p.is_dir()})
+        return out
+
+    def figures(self, run: Run, result: dict[str, Any]) -> dict[str, Figure]:
+        return self._figures
+
+    def report(self, rep: Report, run: Run, result: dict[str, Any]) -> None:
+        rep.add_text(f"calibration: {result['calibration']}", muted=True)
+        rep.add_heading("Hierarchy")
+        rep.add_pre(self.hierarchy.render())
+        rep.add_heading("Branches as Neural-Branching measured them (threshold 0.96)")
+        rep.add_table([{"branch": n, "n": b["n_test"], "overall_acc": b["overall_accuracy"],
+                        "accepted": b["at_0.96"]["accepted"], "coverage": b["at_0.96"]["coverage"],
+                        "acc_on_accepted": b["at_0.96"]["accuracy_on_accepted"], "aurc": b["aurc"]}
+                       for n, b in result["branches"].items()])
+        if "baselines" in result:
+            rep.add_heading("Baselines")
+            rep.add_table([{"branch": n, **v} for n, v in result["baselines"].items()
+                           if isinstance(v, dict)])
+        rep.add_heading("Per class")
+        rep.add_table(result["per_class"])
+
+    @classmethod
+    def summary_rows(cls, result: dict[str, Any]) -> list[dict[str, Any]]:
+        return summary_rows(result)
+
+    @classmethod
+    def summary_text(cls, result: dict[str, Any]) -> str:
+        lines = [super().summary_text(result)]
+        cal = result["calibration"]
+        if cal.get("method") == "risk" and not cal.get("feasible"):
+            lines.append(f"\nno threshold reaches selective risk <= {cal['target_risk']} with "
+                         f"probability >= {1 - cal['delta']:.2f} on {cal['n_calibration']} "
+                         "calibration inputs: the tree abstains on everything (use more "
+                         "calibration data or a larger target risk)")
+        elif cal.get("method") == "risk":
+            lines.append(f"\ncalibrated threshold {cal['threshold']:.4f}: selective risk <= "
+                         f"{cal['target_risk']} with probability >= {1 - cal['delta']:.2f} "
+                         f"(bound {cal['risk_bound']:.4f} on {cal['n_calibration']} held-out "
+                         "calibration inputs)")
+        acc = result["accuracy_on_accepted"]
+        lines.append(f"test: accuracy {result['accuracy']:.4f}; accepted {result['accepted']}/"
+                     f"{result['n_test']} ({result['coverage']:.1%}), accuracy on accepted "
+                     + (f"{acc:.4f}" if acc is not None else "n/a")
+                     + f"; hF {result['hierarchical']['hF']:.4f}")
+        return "\n".join(lines)
+
+    def evaluate(self, run: Run, split: str) -> tuple[dict[str, Any], dict[str, Figure]]:
+        tree = load_run_tree(run)
+        return evaluate(tree, self.load_data().splits()[split])
+
+    @classmethod
+    def compare(cls, runs: list[Run]) -> str:
+        return compare_runs([r.path for r in runs])
 
 
-def make_tree(cfg: dict[str, Any], parent: torch.nn.Module, run: Run) -> BranchTree:
-    t, seed = cfg["tree"], cfg["seed"]
-    head_cfg = t["head"]
-
-    def head(n_in: int, n_out: int) -> torch.nn.Module:
-        return models.branch_head(n_in, n_out, hidden=head_cfg["hidden"],
-                                  dropout=head_cfg["dropout"])
-
-    return BranchTree(
-        parent, cfg["parent"]["tap"], router=t["router"], node_input=t["node_input"],
-        branch_tap=t["branch_tap"], head=head, policy=t["policy"], score=t["score"],
-        backoff=t["backoff"], train_parent=not cfg["parent"]["weights"],
-        parent_train={**cfg["parent"]["train"], "seed": seed, "progress": cfg["progress"]},
-        parent_labels=cfg["parent"]["labels"],
-        head_train={**t["head_train"], "seed": seed, "progress": cfg["progress"]},
-        workdir=run.work, cache_dir=t["cache_dir"], cache_dtype=t["cache_dtype"],
-        progress=cfg["progress"],
-    )
-
-
-def split_validation(data: Data, cfg: dict[str, Any]) -> tuple[Split, Split]:
-    """Split the validation set: one part selects models (early stopping), the other,
-    ``calibration.fraction`` of it, is used only to calibrate thresholds, so the guarantee's
-    assumption (calibration data independent of the fitted model) holds."""
-    frac = cfg["calibration"]["fraction"]
-    if not 0 < frac < 1:
-        raise TreeError(f"calibration.fraction must be in (0, 1), got {frac}")
-    return data.val.split(frac, seed=cfg["seed"])
+def load_run_tree(run: Run) -> BranchTree:
+    """The saved tree of a finished tree run."""
+    if not (run.path / "tree" / "tree.json").is_file():
+        raise TreeError(f"{run.path} has no saved tree yet (the run did not finish); "
+                        f"resume it with: branchnet tree fit --resume {run.path}")
+    return BranchTree.load(run.path / "tree")
 
 
 def run_baselines(cfg: dict[str, Any], tree: BranchTree, data: Data, select: Split,
                   run: Run) -> dict[str, Any]:
     """Per branch: an MLP of the branch's size on raw inputs, and the flat parent on the same
     classes (its probabilities summed per child group), both on the branch's test inputs."""
-    lay = tree._require_fit()
+    lay = tree.layout_
     out: dict[str, Any] = {}
     head_cfg, seed = cfg["tree"]["head"], cfg["seed"]
     train_cfg = TrainConfig.from_dict({**cfg["tree"]["head_train"], "seed": seed,
@@ -185,77 +331,6 @@ def run_baselines(cfg: dict[str, Any], tree: BranchTree, data: Data, select: Spl
                 p_te.argmax(1), data.test.y[rows_te])
         out[node] = rec
     return out
-
-
-def run_experiment(cfg: dict[str, Any], run: Run, *, resume: bool = False,
-                   config_dir: Path | None = None, quiet: bool = False) -> dict[str, Any]:
-    """Fit, calibrate, evaluate and report one tree experiment into ``run``."""
-    t0 = time.perf_counter()
-    say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
-    cfg = resolve_paths(cfg, config_dir)
-    run.write_config(cfg)
-    data = load_data(cfg, config_dir)
-    say(f"data       {data.summary()}")
-    hier = resolve_hierarchy(cfg["hierarchy"], data.classes, config_dir)
-    say("hierarchy  " + hier.render().replace("\n", "\n           "))
-    parent = build_parent(cfg, data, hier)
-    tree = make_tree(cfg, parent, run)
-    select, calibration = split_validation(data, cfg)
-    say(f"validation {len(select)} inputs for early stopping, {len(calibration)} held out for "
-        "calibration only")
-    tree.fit(data, select, hierarchy=hier, resume=resume)
-    c = cfg["calibration"]
-    calib = tree.calibrate(calibration, method=c["method"], target_risk=c["target_risk"],
-                           delta=c["delta"], coverage=c["coverage"], threshold=c["threshold"])
-    result, figures = evaluate(tree, data.test)
-    result["fit"] = tree.fit_summary
-    result["data"] = {"summary": data.summary(), "classes": data.classes}
-    if cfg["baselines"]:
-        say("baselines  raw-input MLPs of each branch's size, flat parent on the same classes")
-        result["baselines"] = run_baselines(cfg, tree, data, select, run)
-    tree.save(run.path / "tree")
-    histories = {"parent": run.work / "parent" / "metrics.csv"}
-    histories.update({f"branch {p.name[3:]}": p / "metrics.csv"
-                      for p in sorted((run.work / "nodes").glob("*")) if p.is_dir()})
-    figures["training"] = plot_training_curves(histories)
-    result["seconds"] = time.perf_counter() - t0
-    run.write_metrics(result)
-    for name, fig in figures.items():
-        run.save_figure(fig, name)
-    write_tree_report(run, cfg, result, hier, calib)
-    return result
-
-
-def write_tree_report(run: Run, cfg: dict[str, Any], result: dict[str, Any], hier: Hierarchy,
-                      calib: dict[str, Any]) -> Path:
-    rep = Report(f"branchnet tree: {cfg['name']}")
-    rep.add_text(result["data"]["summary"])
-    rep.add_heading("Summary (test split)")
-    rep.add_table(summary_rows(result))
-    rep.add_text(f"calibration: {calib}", muted=True)
-    rep.add_heading("Hierarchy")
-    rep.add_pre(hier.render())
-    rep.add_heading("Figures")
-    captions = {"training": "training curves (validation)", "risk_coverage": "risk-coverage curve",
-                "confusion": "confusion matrix", "branches": "branches on their own classes"}
-    for name, caption in captions.items():
-        p = run.figures / f"{name}.png"
-        if p.is_file():
-            rep.add_figure(p, caption)
-    rep.add_heading("Branches as Neural-Branching measured them (threshold 0.96)")
-    rep.add_table([{"branch": n, "n": b["n_test"], "overall_acc": b["overall_accuracy"],
-                    "accepted": b["at_0.96"]["accepted"], "coverage": b["at_0.96"]["coverage"],
-                    "acc_on_accepted": b["at_0.96"]["accuracy_on_accepted"], "aurc": b["aurc"]}
-                   for n, b in result["branches"].items()])
-    if "baselines" in result:
-        rep.add_heading("Baselines")
-        rep.add_table([{"branch": n, **v} for n, v in result["baselines"].items()
-                       if isinstance(v, dict)])
-    rep.add_heading("Per class")
-    rep.add_table(result["per_class"])
-    rep.add_heading("Configuration")
-    rep.add_pre(yaml.safe_dump(cfg, sort_keys=False))
-    return rep.write(run.path / "report.html")
 
 
 def _mean_std(values: list[float | None]) -> str:

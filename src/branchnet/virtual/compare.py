@@ -20,19 +20,29 @@ from safetensors.torch import load_file
 
 from branchnet.analysis.diversity import ensemble_report
 from branchnet.metrics import format_table, mean_std_rows
-from branchnet.runs import Run, finished_runs
+from branchnet.runs import finished_runs
 from branchnet.virtual.merge import branch_probs, merge_probs
 
-__all__ = ["compare_vruns", "independent_ensembles", "sweep_grid"]
+__all__ = ["compare_vruns", "independent_ensembles", "summary_row", "sweep_grid"]
 
 _KEYS = ("branches", "shared_frac", "bagging")
 
 
-def _row(run: Run) -> tuple[dict[str, Any], dict[str, Any]]:
-    from branchnet.virtual.experiment import summary_row
-
-    result = run.read_metrics()
-    return summary_row(result), result
+def summary_row(result: dict[str, Any]) -> dict[str, Any]:
+    """One table row: ensemble and mean-branch accuracy, NLL, ECE, diversity, parameters."""
+    if result.get("task") == "embed":
+        return {"branches": result["branches"], "shared_frac": result["shared_frac"],
+                "oneshot": result["oneshot"]["ensemble"]["accuracy"],
+                "oneshot_branch_mean": result["oneshot"]["branch_mean"],
+                "precision_at_1": result["retrieval"]["ensemble"]["precision_at_1"],
+                "mAP": result["retrieval"]["ensemble"]["mAP"], "parameters": result["parameters"]}
+    rep = result["test"][result["merge"]]
+    return {"branches": result["branches"], "shared_frac": result["shared_frac"],
+            "bagging": result["bagging"]["mode"], "accuracy": rep["ensemble"]["accuracy"],
+            "branch_accuracy": rep["branch_mean"]["accuracy"], "nll": rep["ensemble"]["nll"],
+            "ece": rep["ensemble"]["ece"], "strength": rep["diversity"]["strength"],
+            "correlation": rep["diversity"]["correlation"],
+            "disagreement": rep["diversity"]["disagreement"], "parameters": result["parameters"]}
 
 
 def independent_ensembles(singles: list[tuple[dict[str, Any], Path]], sizes: list[int],
@@ -72,8 +82,8 @@ def compare_vruns(run_dirs: list[str | Path]) -> str:
     ensembles made of the single-branch runs."""
     rows, singles = [], []
     for run in finished_runs(run_dirs):
-        row, result = _row(run)
-        rows.append(row)
+        result = run.read_metrics()
+        rows.append(summary_row(result))
         if result.get("task") == "classify" and result["branches"] == 1:
             singles.append(({**result, "seed": run.read_config().get("seed", 0)}, run.path))
     ks = sorted({r["branches"] for r in rows if r["branches"] > 1})

@@ -1,4 +1,4 @@
-"""Train one virtual-branch ensemble from a YAML config into a run folder.
+"""The ``vbranch`` run kind: one virtual-branch ensemble from a YAML config.
 
 What ``branchnet vbranch fit CONFIG`` runs. Two tasks:
 
@@ -7,14 +7,11 @@ What ``branchnet vbranch fit CONFIG`` runs. Two tasks:
   each branch trains on its own minibatches, drawn from its own bag (``bagging``); evaluation
   reports every branch, both merges (mean of logits, mean of probabilities) and the diversity
   of the branches (Breiman's strength and correlation, disagreement, Q, double fault, MI).
-- ``task: embed``: a K-branch embedding network trained with batch-hard soft-margin triplets
-  on P x K batches of Omniglot characters, evaluated by 20-way one-shot accuracy on held-out
-  alphabets (the usual ``runNN`` layout) and by retrieval (precision@1, mAP); the ensemble's
-  embedding is the concatenation of the branches'.
+- ``task: embed``: a K-branch embedding network on Omniglot (:mod:`.embedding_experiment`).
 
 The run folder::
 
-    RUN/config.yaml  RUN/metrics.json  RUN/report.html  RUN/figures/*.png
+    RUN/config.yaml  RUN/run.json  RUN/metrics.json  RUN/report.html  RUN/figures/*.png
     RUN/model/weights.safetensors  RUN/model/model.json   the trained network (safetensors + JSON)
     RUN/predictions.safetensors    test outputs per branch (N, K, C) and labels (classify)
     RUN/work/model/                checkpoints (resumable) and metrics.csv
@@ -22,121 +19,93 @@ The run folder::
 
 from __future__ import annotations
 
-import inspect
 import json
-import time
-from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, ClassVar, Literal
 
 import numpy as np
 import torch
-import yaml
 from matplotlib.figure import Figure
+from pydantic import Field
 from safetensors.torch import save_file
 from torch import nn
 
-from branchnet import metrics
+from branchnet import zoo
 from branchnet.analysis.diversity import ensemble_report
-from branchnet.checkpoint import save_weights
-from branchnet.classifier import load_model
-from branchnet.classifier import model_outputs as outputs_of
-from branchnet.config import DATA_DEFAULTS, ConfigError, load_config, load_data, merge_config, resolve_paths
+from branchnet.config import check_file
 from branchnet.data.batches import TensorPairs
-from branchnet.engine import TrainConfig, fit
-from branchnet.errors import BranchnetError
-from branchnet.report import Report, plot_training_curves
+from branchnet.engine import fit
+from branchnet.errors import BranchnetError, ConfigError
+from branchnet.protocol import Experiment, fit_record
+from branchnet.report import Report
 from branchnet.runs import Run
-from branchnet.virtual import models as vmodels
-from branchnet.virtual.bagging import BaggedPairs, BranchBags
-from branchnet.virtual.merge import branch_probs, check_merge, ensemble_score, merge_probs, per_branch_loss
+from branchnet.saved_model import load_model, model_outputs, save_model
+from branchnet.schema import DataSection, PositiveInt, Section, Seed, TrainSection
+from branchnet.virtual import embedding_experiment as embed_task
+from branchnet.virtual.bagging import BAG_MODES, BaggedPairs, BranchBags
+from branchnet.virtual.compare import compare_vruns, summary_row
+from branchnet.virtual.merge import (
+    MERGES,
+    branch_probs,
+    check_merge,
+    ensemble_score,
+    merge_probs,
+    per_branch_loss,
+)
 
-__all__ = ["DEFAULTS", "VBranchError", "build_vmodel_for", "evaluate_classifier", "load_vbranch_config",
-           "load_vrun_model", "run_vbranch"]
+__all__ = ["VBRANCH_MODELS", "VBranchConfig", "VBranchError", "VBranchExperiment",
+           "evaluate_outputs", "load_vrun_model"]
 
-DEFAULTS: dict[str, Any] = {
-    "name": "vbranch",
-    "seed": 0,
-    "task": "classify",
-    # one split for every seed, so that single-branch runs of different seeds form
-    # independent ensembles on the same test set
-    "data": {**DATA_DEFAULTS, "split_seed": 0},
-    # free-form: {kind: mlp | cnn | resnet | resnet18 | densenet, branches: K, shared_frac: s,
-    # ...the model's own arguments}; classes and input shape come from the data
-    "model": {"kind": "mlp", "branches": 4, "shared_frac": 0.5},
-    "bagging": {"mode": "none", "frac": 1.0},
-    "merge": "before_mean",
-    "train": TrainConfig().to_dict(),
-    "embedding": {
-        "train": [], "held_out": [], "image_size": 28, "dim": 64, "P": 8, "K": 4,
-        "steps_per_epoch": 100, "margin": "soft", "within_groups": True,
-        "disjoint_groups": False, "runs": None, "n_runs": 20, "ways": 20,
-    },
-    "progress": True,
-}
-
-TASKS = ("classify", "embed")
-
-# model kind -> builder in branchnet.virtual.models
-_BUILDERS: dict[str, str] = {"mlp": "vmlp", "cnn": "vcnn", "resnet": "vresnet",
-                             "resnet18": "vresnet18", "densenet": "vdensenet_bc"}
+#: a vbranch config's model kinds, by the names it uses
+VBRANCH_MODELS = {"mlp": "vmlp", "cnn": "vcnn", "resnet": "vresnet", "resnet18": "vresnet18",
+                  "densenet": "vdensenet_bc"}
 
 
 class VBranchError(BranchnetError, ValueError):
-    """A virtual-branch config or run folder is invalid."""
+    """A virtual-branch run folder is invalid."""
 
 
-def load_vbranch_config(path: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
-    """Read a vbranch YAML config, apply ``key.sub=value`` overrides, merge into the defaults."""
-    cfg = load_config(path, overrides, defaults=DEFAULTS)
-    check_config(cfg)
-    return cfg
+class BaggingSection(Section):
+    mode: Literal[BAG_MODES] = "none"  # type: ignore[valid-type]
+    frac: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)] = 1.0
 
 
-def check_config(cfg: dict[str, Any]) -> None:
-    if cfg["task"] not in TASKS:
-        raise ConfigError(f"task must be one of {list(TASKS)}, got {cfg['task']!r}")
-    try:
-        check_merge(cfg["merge"], "embedding" if cfg["task"] == "embed" else "classifier")
-    except ValueError as e:
-        raise ConfigError(str(e)) from e
+class EmbeddingSection(Section):
+    train: list[str] = Field(default_factory=list)
+    held_out: list[str] = Field(default_factory=list)
+    image_size: PositiveInt = 28
+    dim: PositiveInt = 64
+    P: Annotated[int, Field(ge=2)] = 8
+    K: Annotated[int, Field(ge=2)] = 4
+    steps_per_epoch: PositiveInt = 100
+    margin: Literal["soft"] | Annotated[float, Field(ge=0, allow_inf_nan=False)] = "soft"
+    within_groups: bool = True
+    disjoint_groups: bool = False
+    runs: str | None = None
+    n_runs: PositiveInt = 20
+    ways: Annotated[int, Field(ge=2)] = 20
 
 
-def build_vmodel_for(spec: dict[str, Any], num_classes: int, input_shape: tuple[int, ...],
-                     seed: int) -> nn.Module:
-    """The virtual model of ``spec`` sized for ``num_classes`` outputs and ``input_shape``."""
-    if not isinstance(spec, dict) or spec.get("kind") not in _BUILDERS:
-        raise VBranchError(f"model.kind must be one of {sorted(_BUILDERS)}, got "
-                           f"{spec.get('kind') if isinstance(spec, dict) else spec!r}")
-    spec = dict(spec)
-    builder = getattr(vmodels, _BUILDERS[spec.pop("kind")])
-    params = inspect.signature(builder).parameters
-    unknown = sorted(set(spec) - set(params))
-    if unknown:
-        raise VBranchError(f"unknown option(s) {unknown} for model kind; valid options: "
-                           f"{sorted(set(params) - {'num_classes', 'input_shape'})}")
-    spec["num_classes"] = num_classes
-    if "input_shape" in params:
-        spec["input_shape"] = tuple(input_shape)
-    if "sizes" in params:
-        sizes = list(spec.get("sizes", ["auto", 512]))
-        if not sizes or sizes[0] == "auto":
-            sizes[:1] = [int(np.prod(input_shape))]
-        spec["sizes"] = sizes
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        try:
-            return builder(**spec)
-        except (ValueError, TypeError) as e:
-            raise VBranchError(f"cannot build virtual model {spec}: {e}") from e
-
-
-def evaluate_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
-    """Per-branch and ensemble metrics for both merges, and the branches' diversity."""
-    return evaluate_outputs(outputs_of(model, x), y)
+class VBranchConfig(Section):
+    name: str = "vbranch"
+    seed: Seed = 0
+    task: Literal["classify", "embed"] = "classify"
+    # one split for every seed, so that single-branch runs of different seeds form
+    # independent ensembles on the same test set
+    data: DataSection = Field(default_factory=lambda: DataSection(split_seed=0))
+    #: free-form: {kind: mlp | cnn | resnet | resnet18 | densenet, branches: K, shared_frac: s,
+    #: ...the model's own arguments}; classes and input shape come from the data
+    model: dict[str, Any] = Field(
+        default_factory=lambda: {"kind": "mlp", "branches": 4, "shared_frac": 0.5})
+    bagging: BaggingSection = Field(default_factory=BaggingSection)
+    merge: Literal[MERGES] = "before_mean"  # type: ignore[valid-type]
+    train: TrainSection = Field(default_factory=TrainSection)
+    embedding: EmbeddingSection = Field(default_factory=EmbeddingSection)
+    progress: bool = True
 
 
 def evaluate_outputs(out: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
-    """:func:`evaluate_classifier` of per-branch outputs ``(N, K, C)`` already computed."""
+    """Per-branch and ensemble metrics for both merges, and the branches' diversity, of
+    per-branch outputs ``(N, K, C)``."""
     probs = branch_probs(out)
     result: dict[str, Any] = {"n": len(y)}
     for how in ("before_mean", "after_mean"):
@@ -144,122 +113,143 @@ def evaluate_outputs(out: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
     return result
 
 
-def oob_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                 bags: BranchBags) -> list[float | None]:
-    """Each branch's accuracy on the training rows outside its bag (None when it saw all)."""
-    out = outputs_of(model, x)
-    accs: list[float | None] = []
-    for k, oob in enumerate(bags.oob):
-        accs.append(float((out[oob, k].argmax(-1) == y[oob]).float().mean()) if oob.any() else None)
-    return accs
+def oob_accuracy(out: torch.Tensor, y: torch.Tensor, bags: BranchBags) -> list[float | None]:
+    """Each branch's accuracy on the training rows outside its bag (None when it saw all),
+    from its outputs ``(N, K, C)`` on the training split."""
+    return [float((out[oob, k].argmax(-1) == y[oob]).float().mean()) if oob.any() else None
+            for k, oob in enumerate(bags.oob)]
 
 
-def _train_config(cfg: dict[str, Any]) -> TrainConfig:
-    return TrainConfig.from_dict({**cfg["train"], "seed": cfg["seed"], "progress": cfg["progress"]})
-
-
-def run_vbranch(cfg: dict[str, Any], run: Run, resume: bool = False,
-                config_dir: Path | None = None, quiet: bool = False) -> dict[str, Any]:
-    """Train, evaluate, save and report one virtual-branch run; returns its metrics."""
-    cfg = resolve_paths(merge_config(DEFAULTS, cfg), config_dir)
-    check_config(cfg)
-    if resume and (run.path / "metrics.json").is_file():  # finished: nothing to do again
-        return run.read_metrics()
-    run.write_config(cfg)
-    if cfg["task"] == "embed":
-        from branchnet.virtual.embedding_experiment import run_embedding
-
-        return run_embedding(cfg, run, resume=resume, quiet=quiet)
-    return _run_classify(cfg, run, resume, config_dir, quiet)
-
-
-def _run_classify(cfg: dict[str, Any], run: Run, resume: bool, config_dir: Path | None,
-                  quiet: bool) -> dict[str, Any]:
-    t0 = time.perf_counter()
-    say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
-    data = load_data(cfg, config_dir)
-    say(f"data       {data.summary()}")
-    seed = cfg["seed"]
-    model = build_vmodel_for(cfg["model"], data.num_classes, tuple(data.input_shape), seed)
-    K = int(model.spec["branches"])
-    n_params = vmodels.count_parameters(model)
-    say(f"model      {model.spec} ({n_params:,} parameters)")
-    bag = cfg["bagging"]
-    try:
-        bags = BranchBags.make(len(data.train), K, mode=bag["mode"], frac=bag["frac"], seed=seed)
-    except ValueError as e:
-        raise VBranchError(f"bagging: {e}") from e
-    say(f"bagging    {bag['mode']} (frac {bag['frac']}): unique rows per branch "
-        + ", ".join(f"{u:.1%}" for u in bags.unique_fraction()))
-    val = TensorPairs(data.val.x, data.val.y) if len(data.val) else None
-    res = fit(model, BaggedPairs(data.train.x, data.train.y, bags), val, _train_config(cfg),
-              workdir=run.work / "model", resume=resume, loss_fn=per_branch_loss,
-              score_fn=ensemble_score, description=f"{K}-branch {model.spec['kind']}")
-    out = outputs_of(model, data.test.x)
-    test = evaluate_outputs(out, data.test.y)
-    main = test[cfg["merge"]]
-    result: dict[str, Any] = {
-        "task": "classify", "branches": K, "shared_frac": model.spec.get("shared_frac"),
-        "bagging": bag, "merge": cfg["merge"], "n_test": test["n"],
-        "accuracy": main["ensemble"]["accuracy"], "nll": main["ensemble"]["nll"],
-        "ece": main["ensemble"]["ece"], "brier": main["ensemble"]["brier"],
-        "parameters": n_params, "test": test,
-        "oob_accuracy": oob_accuracy(model, data.train.x, data.train.y, bags),
-        "model": {"spec": model.spec, "parameters": n_params},
-        "fit": {k: v for k, v in res.to_dict().items() if k != "best_checkpoint"},
-        "data": {"summary": data.summary(), "classes": data.classes},
-    }
-    save_file({"outputs": out.contiguous(), "y": data.test.y.contiguous()},
-              str(run.path / "predictions.safetensors"))
-    save_vmodel(model, run.path / "model", {
-        "classes": data.classes, "preprocessing": data.preprocessing,
-        "input_shape": list(data.input_shape), "name": cfg["name"], "seed": seed, "task": "classify",
-    })
-    result["seconds"] = time.perf_counter() - t0
-    run.write_metrics(result)
-    run.save_figure(plot_training_curves({"model": run.work / "model" / "metrics.csv"}), "training")
-    run.save_figure(plot_branches(main), "branches")
-    run.save_figure(plot_pairwise(main), "pairwise")
-    write_report(run, cfg, result)
-    say(summary_text(result))
-    return result
-
-
-def save_vmodel(model: nn.Module, path: Path, meta: dict[str, Any]) -> Path:
-    """``path/weights.safetensors`` + ``path/model.json`` (spec and ``meta``)."""
-    path.mkdir(parents=True, exist_ok=True)
-    save_weights(model.state_dict(), path / "weights.safetensors")
-    tmp = path / ".model.json.tmp"
-    tmp.write_text(json.dumps({"spec": model.spec, **meta,
-                               "parameters": vmodels.count_parameters(model)}, indent=1))
-    tmp.replace(path / "model.json")
-    return path
-
-
-def load_vrun_model(run_dir: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+def load_vrun_model(run_dir: Any) -> tuple[nn.Module, dict[str, Any]]:
     """The trained virtual model of a run folder, in eval mode, and its metadata."""
-    return load_model(run_dir, vmodels.build_vmodel, command="vbranch")
+    return load_model(run_dir, command="vbranch")
 
 
-def summary_row(result: dict[str, Any]) -> dict[str, Any]:
-    """One table row: ensemble and mean-branch accuracy, NLL, ECE, diversity, parameters."""
-    if result.get("task") == "embed":
-        return {"branches": result["branches"], "shared_frac": result["shared_frac"],
-                "oneshot": result["oneshot"]["ensemble"]["accuracy"],
-                "oneshot_branch_mean": result["oneshot"]["branch_mean"],
-                "precision_at_1": result["retrieval"]["ensemble"]["precision_at_1"],
-                "mAP": result["retrieval"]["ensemble"]["mAP"], "parameters": result["parameters"]}
-    rep = result["test"][result["merge"]]
-    return {"branches": result["branches"], "shared_frac": result["shared_frac"],
-            "bagging": result["bagging"]["mode"], "accuracy": rep["ensemble"]["accuracy"],
-            "branch_accuracy": rep["branch_mean"]["accuracy"], "nll": rep["ensemble"]["nll"],
-            "ece": rep["ensemble"]["ece"], "strength": rep["diversity"]["strength"],
-            "correlation": rep["diversity"]["correlation"],
-            "disagreement": rep["diversity"]["disagreement"], "parameters": result["parameters"]}
+class VBranchExperiment(Experiment):
+    kind = "vbranch"
+    schema = VBranchConfig
+    aliases = VBRANCH_MODELS
+    captions: ClassVar[dict[str, str]] = {"training": "training curves", "branches": "branches",
+                                          "pairwise": "pairwise disagreement",
+                                          "oneshot": "one-shot accuracy"}
 
+    @classmethod
+    def check(cls, cfg: dict[str, Any]) -> None:
+        head = "embedding" if cfg["task"] == "embed" else "classifier"
+        try:
+            check_merge(cfg["merge"], head)
+        except ValueError as e:
+            raise ConfigError(f"merge: {e}") from None
+        zoo.check_spec(cfg["model"], VBRANCH_MODELS)
+        if cfg["task"] == "classify":
+            super().check(cfg)
+            return
+        e = cfg["embedding"]
+        if not e["train"]:
+            raise ConfigError("embedding.train must list Omniglot zip archives or folders, got []")
+        for i, path in enumerate(e["train"]):
+            check_file(path, f"embedding.train[{i}]", "Omniglot zip archive or folder")
+        check_file(e["runs"], "embedding.runs", "folder of one-shot runs")
+        if not e["runs"] and not e["held_out"]:
+            raise ConfigError("give embedding.held_out alphabets (to write one-shot runs from) "
+                              "or embedding.runs (a folder of runNN one-shot runs)")
 
-def summary_text(result: dict[str, Any]) -> str:
-    return "\n" + metrics.format_table([summary_row(result)])
+    def setup(self) -> None:
+        if self.cfg["task"] == "embed":
+            embed_task.setup(self)
+            return
+        super().setup()
+        cfg, data = self.cfg, self.data
+        assert data is not None
+        self.model = zoo.build(cfg["model"], num_classes=data.num_classes,
+                               input_shape=data.input_shape, seed=cfg["seed"],
+                               aliases=self.aliases)
+        self.say(f"model      {self.model.spec} ({zoo.num_parameters(self.model):,} parameters)")
+        bag = cfg["bagging"]
+        self.bags = BranchBags.make(len(data.train), int(self.model.spec["branches"]),
+                                    mode=bag["mode"], frac=bag["frac"], seed=cfg["seed"])
+        self.say(f"bagging    {bag['mode']} (frac {bag['frac']}): unique rows per branch "
+                 + ", ".join(f"{u:.1%}" for u in self.bags.unique_fraction()))
+
+    def fit(self, run: Run, resume: bool) -> dict[str, Any]:
+        if self.cfg["task"] == "embed":
+            return embed_task.fit(self, run, resume)
+        cfg, data, model = self.cfg, self.data, self.model
+        assert data is not None
+        K = int(model.spec["branches"])
+        val = TensorPairs(data.val.x, data.val.y) if len(data.val) else None
+        res = fit(model, BaggedPairs(data.train.x, data.train.y, self.bags), val,
+                  self.train_config(cfg["train"]), workdir=run.work / "model", resume=resume,
+                  loss_fn=per_branch_loss, score_fn=ensemble_score,
+                  description=f"{K}-branch {model.spec['kind']}")
+        out = model_outputs(model, data.test.x)
+        test = evaluate_outputs(out, data.test.y)
+        main = test[cfg["merge"]]
+        n_params = zoo.num_parameters(model)
+        result: dict[str, Any] = {
+            "task": "classify", "branches": K, "shared_frac": model.spec.get("shared_frac"),
+            "bagging": cfg["bagging"], "merge": cfg["merge"], "n_test": test["n"],
+            "accuracy": main["ensemble"]["accuracy"], "nll": main["ensemble"]["nll"],
+            "ece": main["ensemble"]["ece"], "brier": main["ensemble"]["brier"],
+            "parameters": n_params, "test": test,
+            "oob_accuracy": oob_accuracy(model_outputs(model, data.train.x), data.train.y,
+                                         self.bags),
+            "model": {"spec": model.spec, "parameters": n_params},
+            "fit": fit_record(res),
+            "data": {"summary": data.summary(), "classes": data.classes},
+        }
+        save_file({"outputs": out.contiguous(), "y": data.test.y.contiguous()},
+                  str(run.path / "predictions.safetensors"))
+        save_model(model, run.path / "model", {
+            "classes": data.classes, "preprocessing": data.preprocessing,
+            "input_shape": list(data.input_shape), "name": cfg["name"], "seed": cfg["seed"],
+            "task": "classify"})
+        return result
+
+    def figures(self, run: Run, result: dict[str, Any]) -> dict[str, Figure]:
+        if result["task"] == "embed":
+            return {"oneshot": embed_task.plot_oneshot(result["oneshot"])}
+        main = result["test"][result["merge"]]
+        return {"branches": plot_branches(main), "pairwise": plot_pairwise(main)}
+
+    def report(self, rep: Report, run: Run, result: dict[str, Any]) -> None:
+        if result["task"] == "classify":
+            for how in ("before_mean", "after_mean"):
+                r = result["test"][how]
+                rep.add_heading(f"Test split, {how.replace('_', ' ')} merge")
+                rows = [{"member": f"branch {k}", **b} for k, b in enumerate(r["branches"])]
+                rows.append({"member": "ensemble", **r["ensemble"]})
+                rep.add_table(rows)
+                rep.add_table([{k: v for k, v in r["diversity"].items()
+                                if not k.endswith("matrix")}])
+        rep.add_heading("Model")
+        rep.add_pre(json.dumps(result["model"]["spec"]))
+
+    @classmethod
+    def summary_rows(cls, result: dict[str, Any]) -> list[dict[str, Any]]:
+        return [summary_row(result)]
+
+    def evaluate(self, run: Run, split: str) -> tuple[dict[str, Any], dict[str, Figure]]:
+        if self.cfg["task"] != "classify":
+            raise VBranchError("an embedding run is evaluated with branchnet vbranch oneshot "
+                               f"--runs DIR --run {run.path}")
+        model, meta = load_vrun_model(run.path)
+        data = self.load_data()
+        if data.classes != meta["classes"]:
+            raise VBranchError(f"the data's classes {data.classes} differ from the saved "
+                               f"model's {meta['classes']}")
+        part = data.splits()[split]
+        test = evaluate_outputs(model_outputs(model, part.x), part.y)
+        main = test[self.cfg["merge"]]["ensemble"]
+        return {"task": "classify", "split": split, "branches": model.spec["branches"],
+                "shared_frac": model.spec.get("shared_frac"), "merge": self.cfg["merge"],
+                "bagging": self.cfg["bagging"], "parameters": meta.get("parameters"),
+                "accuracy": main["accuracy"], "nll": main["nll"], "ece": main["ece"],
+                "brier": main["brier"], "test": test}, {}
+
+    @classmethod
+    def compare(cls, runs: list[Run]) -> str:
+        return compare_vruns([r.path for r in runs])
 
 
 def plot_branches(rep: dict[str, Any]) -> Figure:
@@ -290,28 +280,3 @@ def plot_pairwise(rep: dict[str, Any]) -> Figure:
     fig.colorbar(im, ax=ax)
     fig.tight_layout()
     return fig
-
-
-def write_report(run: Run, cfg: dict[str, Any], result: dict[str, Any]) -> Path:
-    rep = Report(f"branchnet vbranch: {cfg['name']}")
-    rep.add_text(result.get("data", {}).get("summary", ""))
-    rep.add_heading("Summary")
-    rep.add_table([summary_row(result)])
-    if result.get("task") == "classify":
-        for how in ("before_mean", "after_mean"):
-            r = result["test"][how]
-            rep.add_heading(f"Test split, {how.replace('_', ' ')} merge")
-            rows = [{"member": f"branch {k}", **b} for k, b in enumerate(r["branches"])]
-            rows.append({"member": "ensemble", **r["ensemble"]})
-            rep.add_table(rows)
-            rep.add_table([{k: v for k, v in r["diversity"].items() if not k.endswith("matrix")}])
-    rep.add_heading("Figures")
-    for name in ("training", "branches", "pairwise", "oneshot"):
-        p = run.figures / f"{name}.png"
-        if p.is_file():
-            rep.add_figure(p, name)
-    rep.add_heading("Model")
-    rep.add_pre(json.dumps(result["model"]["spec"]))
-    rep.add_heading("Configuration")
-    rep.add_pre(yaml.safe_dump(cfg, sort_keys=False))
-    return rep.write(run.path / "report.html")
