@@ -225,8 +225,8 @@ def test_path_baselines_run_and_never_swap(tmp_path: Path, mode: str) -> None:
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"sparsity": {"density": 0}}, "density must be in (0, 1], got 0"),
-    ({"sparsity": {"density": 1.5}}, "density must be in (0, 1], got 1.5"),
+    ({"sparsity": {"density": 0}}, "sparsity.density must be a number in (0, 1], got 0"),
+    ({"sparsity": {"density": 1.5}}, "sparsity.density must be a number in (0, 1], got 1.5"),
     ({"sparsity": {"rule": "magic"}}, "'magic'"),
     ({"sparsity": {"distribution": "lognormal"}}, "'lognormal'"),
     ({"sparsity": {"delta_t": 0}}, "delta_t"),

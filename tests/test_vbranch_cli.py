@@ -11,7 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 from branchnet.runs import Run
-from branchnet.virtual.experiment import load_vrun_model, outputs_of
+from branchnet.saved_model import model_outputs as outputs_of
+from branchnet.virtual.experiment import VBranchExperiment, load_vrun_model
 from cli_helpers import run_cli, write_config
 
 VB_CONFIG: dict[str, Any] = {
@@ -54,10 +55,7 @@ def test_saved_model_reproduces_the_saved_predictions(fitted: tuple[Path, Path, 
     _, run_dir, _ = fitted
     model, meta = load_vrun_model(run_dir)
     saved = load_file(str(run_dir / "predictions.safetensors"))
-    from branchnet.config import load_data
-    from branchnet.virtual.experiment import load_vbranch_config
-
-    data = load_data(load_vbranch_config(run_dir / "config.yaml"))
+    data = VBranchExperiment(Run.open(run_dir).read_config()).load_data()
     assert meta["classes"] == data.classes
     torch.testing.assert_close(outputs_of(model, data.test.x), saved["outputs"])
 

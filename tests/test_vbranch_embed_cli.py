@@ -141,7 +141,8 @@ def test_oneshot_of_a_classification_run_exits_with_code_2(fitted: tuple[Path, s
     ("embedding.held_out=[Klingon]", "unknown alphabet(s) ['Klingon']"),
     ("embedding.ways=6", "no alphabet has 6 characters"),
     ("embedding.train=[]", "embedding.train must list"),
-    ("embedding.train=[nothere.zip]", "nothere.zip does not exist"),
+    ("embedding.train=[nothere.zip]", "embedding.train[0] must be an existing Omniglot zip archive "
+     "or folder, got 'nothere.zip'"),
     ("merge=before_mean", "does not match an embedding head"),
 ])
 def test_bad_embedding_configs_exit_with_code_2(omniglot: Path, tmp_path: Path, override: str,

@@ -23,7 +23,7 @@ import typing
 from typing import Annotated, Any, Literal
 
 import annotated_types as at
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from pydantic.fields import FieldInfo
 
 from branchnet.errors import ConfigError
@@ -81,9 +81,20 @@ class TrainSection(Section):
     lr_gamma: PositiveFloat = 0.1
 
 
-def train_section(**defaults: Any) -> Any:
-    """A :class:`TrainSection` field whose defaults differ from the engine's."""
-    return Field(default_factory=lambda: TrainSection(**defaults))
+def with_defaults(section: type[Section], **defaults: Any) -> type[Section]:
+    """A subclass of ``section`` whose own defaults are ``defaults``: they apply to the keys a
+    user leaves out, whether the user gives the section or not. Declare the field with it::
+
+        HeadTrain = with_defaults(TrainSection, epochs=100)
+        head_train: HeadTrain = Field(default_factory=HeadTrain)
+    """
+    def field_of(name: str) -> Any:
+        info = section.model_fields[name]
+        kind = Annotated[(info.annotation, *info.metadata)] if info.metadata else info.annotation
+        return kind, defaults[name]
+
+    return create_model(section.__name__, __base__=section, __doc__=section.__doc__,
+                        **{k: field_of(k) for k in defaults})
 
 
 class DataSection(Section):

@@ -37,7 +37,7 @@ from branchnet.schema import (
     Section,
     Seed,
     TrainSection,
-    train_section,
+    with_defaults,
 )
 from branchnet.taps import layer_names
 from branchnet.tree.evaluate import evaluate, summary_rows
@@ -51,13 +51,17 @@ PARENT_MODELS = {"mlp": "mlp", "cnn": "cnn"}
 BUILTIN_HIERARCHIES = ("cifar10", "cifar100")
 
 
+ParentTrain = with_defaults(TrainSection, epochs=20)
+HeadTrain = with_defaults(TrainSection, **HEAD_TRAIN_DEFAULTS)
+
+
 class ParentSection(Section):
     model: dict[str, Any] = Field(
         default_factory=lambda: {"kind": "mlp", "sizes": ["auto", 256, 128], "dropout": 0.0})
     tap: str = "hidden.1"
     labels: Literal["fine", "coarse"] = "fine"
     weights: str | None = None
-    train: TrainSection = train_section(epochs=20)
+    train: ParentTrain = Field(default_factory=ParentTrain)  # type: ignore[valid-type]
 
 
 class HeadSection(Section):
@@ -73,7 +77,7 @@ class TreeSection(Section):
     score: Literal[SCORES] = "msp"  # type: ignore[valid-type]
     backoff: bool = False
     head: HeadSection = Field(default_factory=HeadSection)
-    head_train: TrainSection = train_section(**HEAD_TRAIN_DEFAULTS)
+    head_train: HeadTrain = Field(default_factory=HeadTrain)  # type: ignore[valid-type]
     cache_dir: str | None = None
     cache_dtype: Literal["float16", "float32"] = "float16"
 

@@ -67,6 +67,14 @@ def setup(exp: Any) -> None:
     size = int(e["image_size"])
     full = load_omniglot(e["train"], image_size=size, cache_dir=cfg["data"]["cache_dir"])
     exp.background, exp.held = split_by_alphabet(full, e["held_out"]) if e["held_out"] else (full, None)
+    held = exp.held
+    if held is not None and not e["runs"]:  # the one-shot runs written in fit must be possible
+        counts = {name: len(np.unique(held.character[held.alphabet == a]))
+                  for a, name in enumerate(held.alphabets)}
+        if max(counts.values()) < e["ways"]:
+            raise ConfigError(f"embedding.ways must be at most the characters of a held-out "
+                              f"alphabet, got {e['ways']}: no alphabet has {e['ways']} characters "
+                              f"(characters per alphabet: {counts})")
     exp.say(f"data       Omniglot {size}x{size}: training on {len(exp.background.alphabets)} "
             f"alphabets ({len(exp.background.characters)} characters, {len(exp.background)} images)")
     exp.model = zoo.build(cfg["model"], num_classes=int(e["dim"]), input_shape=(1, size, size),

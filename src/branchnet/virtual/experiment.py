@@ -39,7 +39,7 @@ from branchnet.protocol import Experiment, fit_record
 from branchnet.report import Report
 from branchnet.runs import Run
 from branchnet.saved_model import load_model, model_outputs, save_model
-from branchnet.schema import DataSection, PositiveInt, Section, Seed, TrainSection
+from branchnet.schema import DataSection, PositiveInt, Section, Seed, TrainSection, with_defaults
 from branchnet.virtual import embedding_experiment as embed_task
 from branchnet.virtual.bagging import BAG_MODES, BaggedPairs, BranchBags
 from branchnet.virtual.compare import compare_vruns, summary_row
@@ -62,6 +62,11 @@ VBRANCH_MODELS = {"mlp": "vmlp", "cnn": "vcnn", "resnet": "vresnet", "resnet18":
 
 class VBranchError(BranchnetError, ValueError):
     """A virtual-branch run folder is invalid."""
+
+
+#: one split for every seed, so that single-branch runs of different seeds form independent
+#: ensembles on the same test set
+SharedSplitData = with_defaults(DataSection, split_seed=0)
 
 
 class BaggingSection(Section):
@@ -89,9 +94,7 @@ class VBranchConfig(Section):
     name: str = "vbranch"
     seed: Seed = 0
     task: Literal["classify", "embed"] = "classify"
-    # one split for every seed, so that single-branch runs of different seeds form
-    # independent ensembles on the same test set
-    data: DataSection = Field(default_factory=lambda: DataSection(split_seed=0))
+    data: SharedSplitData = Field(default_factory=SharedSplitData)  # type: ignore[valid-type]
     #: free-form: {kind: mlp | cnn | resnet | resnet18 | densenet, branches: K, shared_frac: s,
     #: ...the model's own arguments}; classes and input shape come from the data
     model: dict[str, Any] = Field(
