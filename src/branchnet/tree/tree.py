@@ -291,6 +291,7 @@ class BranchTree:
                 if layout.n_children[i] > 1 and not (layout.slot_of_label(node, split.y) >= 0).any():
                     raise TreeError(f"node {node!r} has no {name} examples (classes "
                                     f"{layout.hierarchy.leaves_under(node)}); every node needs both")
+        vars(self).pop("router_", None)  # not fitted until this fit completes
         self.classes_, self.layout_, self.hierarchy_ = list(classes), layout, layout.hierarchy
         self.preprocessing_ = dict(preprocessing)
         self.input_shape_ = tuple(train.x.shape[1:])
@@ -472,9 +473,10 @@ class BranchTree:
         return self._run(x)[4]
 
     def score(self, x: Any, y: Any) -> float:
-        """Accuracy of the routed class, ignoring abstention (scikit-learn convention)."""
+        """Accuracy of the routed class, ignoring abstention (scikit-learn convention); ``y``
+        holds class indices or names."""
         leaf = self._run(x)[0]
-        return float((leaf == torch.as_tensor(y)).float().mean())
+        return float((leaf == _labels(y, self.classes_)[0]).float().mean())
 
     def node_proba(self, node: str, x: Any) -> torch.Tensor:
         """Child probabilities of one node for all inputs (oracle routing, as the original)."""
