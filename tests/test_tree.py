@@ -72,7 +72,7 @@ def make_tree(workdir: Path, parent: nn.Module | None = None, **kw: Any) -> Bran
 def base_dir(tmp_path_factory: pytest.TempPathFactory, data: Data) -> Path:
     """A workdir holding a finished fit of the default tree (router parent, hard policy)."""
     work = tmp_path_factory.mktemp("base")
-    make_tree(work).fit(data)
+    make_tree(work).fit(data, data.val)  # the validation Split may come second positionally
     return work
 
 
