@@ -106,8 +106,8 @@ def test_fit_creates_a_complete_run_folder(digits_run: tuple[Path, str]) -> None
     assert (run / "tree" / "tree.json").is_file()
     assert (run / "tree" / "weights.safetensors").is_file()
     tree = BranchTree.load(run / "tree")
-    assert tree.layout is not None and tree.layout.classes == [str(i) for i in range(10)]
-    assert tree.calibration["method"] == "coverage"
+    assert tree.classes_ == [str(i) for i in range(10)]
+    assert tree.calibration_["method"] == "coverage"
 
 
 def test_fit_seed_option_and_bad_training_option(tmp_path: Path) -> None:

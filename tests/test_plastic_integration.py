@@ -18,12 +18,12 @@ def test_tree_branches_train_sparse_with_head_callbacks(tmp_path) -> None:
     fast = {"epochs": 8, "batch_size": 16, "lr": 0.01, "progress": False}
     tree = bn.BranchTree(bn.models.mlp([64, 32, 24], 10), tap="hidden.1", parent_train=fast,
                          head_train=fast, head=lambda i, o: bn.models.branch_head(i, o, 16, 0.0),
-                         head_callbacks=sparse, workdir=tmp_path, progress=False)
-    tree.fit(data, data.val, hierarchy=hier)
+                         head_callbacks=sparse, workdir=tmp_path)
+    tree.fit(data, hierarchy=hier)
     assert set(made) == {"round", "straight", "curly"}  # every internal node's head
     for node, cb in made.items():
         assert cb.n_updates > 0
-        head = tree.heads[tree.layout.node_index[node]].module
+        head = tree.heads_[tree.layout_.node_index[node]].module
         for name, mask in cb.masks.items():
             w = head.get_parameter(name)
             assert mask.float().mean().item() == 0.25 or mask.all()  # exact density or kept dense

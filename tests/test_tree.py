@@ -12,12 +12,15 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import branchnet.engine as engine
@@ -69,7 +72,7 @@ def make_tree(workdir: Path, parent: nn.Module | None = None, **kw: Any) -> Bran
 def base_dir(tmp_path_factory: pytest.TempPathFactory, data: Data) -> Path:
     """A workdir holding a finished fit of the default tree (router parent, hard policy)."""
     work = tmp_path_factory.mktemp("base")
-    make_tree(work).fit(data)
+    make_tree(work).fit(data, data.val)  # the validation Split may come second positionally
     return work
 
 
@@ -93,7 +96,7 @@ def pretrained(tree: BranchTree) -> nn.Module:
 
 
 def reset(tree: BranchTree, data: Data) -> BranchTree:
-    tree.calibrate(data.val, method="fixed", threshold=-math.inf)
+    tree.calibrate(method="fixed", threshold=-math.inf)
     return tree
 
 
@@ -165,7 +168,7 @@ def test_fit_predict(tree: BranchTree, data: Data) -> None:
     # numpy inputs and Splits work too
     assert torch.equal(tree.predict(data.test.x.numpy().astype(np.float64)).leaf, pred.leaf)
     assert torch.equal(tree.predict(data.test).leaf, pred.leaf)
-    summary = tree.fit_summary
+    summary = tree.fit_summary_
     assert summary["tap_dim"] == 16 and set(summary["nodes"]) == {"g0", "g1"}
     assert "fitted" in repr(tree)
 
@@ -224,12 +227,12 @@ def test_policies_consistent(base_dir: Path, data: Data) -> None:
     assert (hard.leaf == soft.leaf).float().mean() > 0.9
 
     # "threshold" routes like "hard" and backs off instead of abstaining
-    assert torch.equal(preds["threshold"].leaf, hard.leaf) and trees["threshold"].backoff
+    assert torch.equal(preds["threshold"].leaf, hard.leaf) and preds["threshold"].backoff
 
 
 @pytest.mark.parametrize("score", ["margin", "entropy"])
 def test_other_confidence_scores(base_dir: Path, data: Data, score: str) -> None:
-    t = variant(base_dir, data, score=score)
+    t = variant(base_dir, data, confidence=score)
     pred = t.predict(data.test.x[:40])
     root = t.node_proba("root", data.test.x[:40])
     if score == "margin":
@@ -248,7 +251,7 @@ def test_fixed_threshold_abstention(base_dir: Path, data: Data, policy: str) -> 
     free = t.predict(data.test.x)
     conf = free.confidence
     thr = float(conf.quantile(0.5))
-    info = t.calibrate(data.val, method="fixed", threshold=thr)
+    info = t.calibrate(method="fixed", threshold=thr)
     assert info == {"method": "fixed", "threshold": thr}
     assert t.thresholds_list() == [thr] * 3
     pred = t.predict(data.test.x)
@@ -279,7 +282,7 @@ def test_fixed_threshold_abstention(base_dir: Path, data: Data, policy: str) -> 
 
 
 def test_per_node_thresholds(tree: BranchTree, data: Data, tmp_path: Path) -> None:
-    info = tree.calibrate(data.val, method="fixed", threshold={"g0": 2.0})
+    info = tree.calibrate(method="fixed", threshold={"g0": 2.0})
     assert info["thresholds"] == {"root": -math.inf, "g0": 2.0, "g1": -math.inf}
     assert tree.thresholds_list() == [-math.inf, 2.0, -math.inf]
     pred = tree.predict(data.test.x)
@@ -293,26 +296,25 @@ def test_per_node_thresholds(tree: BranchTree, data: Data, tmp_path: Path) -> No
     # saved and loaded: the same thresholds (-inf for the nodes without one)
     loaded = BranchTree.load(tree.save(tmp_path / "t"))
     assert loaded.thresholds_list() == [-math.inf, 2.0, -math.inf]
-    assert loaded.calibration == info
+    assert loaded.calibration_ == info
     assert_same(loaded.predict(data.test.x), pred)
     with pytest.raises(TreeError, match="unknown nodes"):
-        tree.calibrate(data.val, method="fixed", threshold={"nope": 0.5})
+        tree.calibrate(method="fixed", threshold={"nope": 0.5})
     reset(tree, data)
 
 
 def test_backoff_predicts_the_stopping_node(base_dir: Path, data: Data) -> None:
     x = data.test.x[:60]
     for t in (variant(base_dir, data, backoff=True), variant(base_dir, data, policy="threshold")):
-        assert t.backoff
-        t.calibrate(data.val, method="fixed", threshold={"g0": 2.0, "g1": 2.0})
+        t.calibrate(method="fixed", threshold={"g0": 2.0, "g1": 2.0})
         pred = t.predict(x)
-        assert pred.abstained.all() and (pred.stop_level == 1).all()
+        assert pred.backoff and pred.abstained.all() and (pred.stop_level == 1).all()
         groups = [pred.nodes[int(n)] for n in pred.path_nodes[:, 1]]
         assert pred.predicted_nodes() == groups
         assert {r["prediction"] for r in pred.to_records()} == {"g0", "g1"}
         assert all(r["label"] is None for r in pred.to_records())
         # stopping at the root backs off to nothing
-        t.calibrate(data.val, method="fixed", threshold={"root": 2.0})
+        t.calibrate(method="fixed", threshold={"root": 2.0})
         assert t.predict(x).predicted_nodes() == [None] * len(x)
 
 
@@ -326,9 +328,6 @@ def test_calibrate_coverage(tree: BranchTree, data: Data) -> None:
     # the calibration ignores earlier thresholds
     tree.calibrate(cal, method="fixed", threshold=2.0)
     assert tree.calibrate(cal, method="coverage", coverage=0.8) == info
-    # a Data calibrates on its val split
-    assert tree.calibrate(data, method="coverage", coverage=1.0)["n_calibration"] == len(data.val)
-    assert tree.predict(data.val.x).coverage == 1.0
     for bad in (None, 0.0, 1.5):
         with pytest.raises(TreeError, match="coverage must be in"):
             tree.calibrate(cal, method="coverage", coverage=bad)
@@ -354,20 +353,52 @@ def test_calibrate_risk(tree: BranchTree, data: Data) -> None:
 def test_calibrate_risk_infeasible_abstains_on_everything(
         tree: BranchTree, data: Data, tmp_path: Path) -> None:
     with pytest.warns(UserWarning, match="abstain on every input"):
-        info = tree.calibrate(data.val, method="risk", target_risk=1e-3, delta=0.05)
+        info = tree.calibrate(blobs(120, 6), method="risk", target_risk=1e-3, delta=0.05)
     assert not info["feasible"] and info["threshold"] == math.inf
     pred = tree.predict(data.test.x)
     assert pred.coverage == 0.0 and (pred.label == -1).all() and (pred.stop_level == 0).all()
     # the saved tree (JSON has no infinity) abstains on everything too
     loaded = BranchTree.load(tree.save(tmp_path / "t"))
     assert loaded.predict(data.test.x).coverage == 0.0
-    assert loaded.calibration["threshold"] == math.inf
+    assert loaded.calibration_["threshold"] == math.inf
     reset(tree, data)
+
+
+def test_calibration_refuses_data_used_in_fitting(tree: BranchTree, data: Data) -> None:
+    # fit(data) stopped early on data.val: calibrating on it would void the guarantee
+    for used, n in ((data.val, len(data.val)), (data.train, len(data.train))):
+        with pytest.raises(TreeError, match=f"{n} of {n} calibration inputs were used to fit"):
+            tree.calibrate(used, method="coverage", coverage=0.9)
+    with pytest.raises(TreeError, match=r"calibrate got a Data.*data\.val\.split\(0\.5\)"):
+        tree.calibrate(data)
+    with pytest.raises(TreeError, match="needs calibration data as a Split"):
+        tree.calibrate(method="risk")
+    # disjoint held-out inputs calibrate, and fixed thresholds need no data at all
+    assert tree.calibrate(blobs(120, 6), method="coverage", coverage=0.9)["n_calibration"] == 120
+    reset(tree, data)
+
+
+@given(row=st.integers(0, 239), at=st.integers(0, 60))
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_one_training_row_in_the_calibration_set_is_caught(tree: BranchTree, data: Data,
+                                                          row: int, at: int) -> None:
+    held = blobs(60, 8)
+    x = torch.cat([held.x[:at], data.train.x[row:row + 1], held.x[at:]])
+    y = torch.cat([held.y[:at], data.train.y[row:row + 1], held.y[at:]])
+    with pytest.raises(TreeError, match=r"^1 of 61 calibration inputs were used to fit"):
+        tree.calibrate(Split(x, y), method="risk")
+
+
+def test_a_loaded_tree_cannot_check_calibration_data(tree: BranchTree, data: Data,
+                                                     tmp_path: Path) -> None:
+    loaded = BranchTree.load(tree.save(tmp_path / "t"))
+    assert loaded.fitted_rows_ is None
+    assert loaded.calibrate(data.val, method="coverage", coverage=0.9)["n_calibration"] == 120
 
 
 def test_evaluate(base_dir: Path, data: Data) -> None:
     t = variant(base_dir, data, backoff=True)
-    t.calibrate(data.val, method="coverage", coverage=0.7)
+    t.calibrate(blobs(120, 6), method="coverage", coverage=0.7)
     result, figures = evaluate(t, data.test)
     assert result["n_test"] == len(data.test)
     assert 0.6 < result["coverage"] < 0.8
@@ -390,9 +421,9 @@ def test_learned_router_on_a_feature_parent(tree: BranchTree, tmp_path: Path, da
     parent.load_state_dict(hidden, strict=False)  # trained features, an unrelated output
     t = make_tree(tmp_path, parent, router="learned", train_parent=False)
     t.fit(data)
-    assert sorted(t.heads) == [0, 1, 2] and t.sources == [-1, -1, -1]
+    assert sorted(t.heads_) == [0, 1, 2] and t.sources_ == [-1, -1, -1]
     assert not (tmp_path / "parent").exists()  # the parent was not trained
-    assert "root" in t.fit_summary["nodes"] and "parent" not in t.fit_summary
+    assert "root" in t.fit_summary_["nodes"] and "parent" not in t.fit_summary_
     assert t.score(data.test.x, data.test.y) > 0.75
     root = t.node_proba("root", data.test.x)
     assert ((root.argmax(1) == 1) == (data.test.y >= 3)).float().mean() > 0.9
@@ -424,14 +455,14 @@ def test_branches_of_branches(tmp_path: Path, data: Data, pretrained: nn.Module)
 
     t = make_tree(tmp_path, pretrained, hierarchy=HIER3, router="learned", node_input="branch",
                   head=head, train_parent=False, head_train={**HEAD_FAST, "epochs": 8}).fit(data)
-    lay = t.layout
+    lay = t.layout_
     assert lay is not None and lay.nodes == ["root", "g0", "s0", "s1", "g1"]
     # every node reads the hidden layer of the head above it
-    assert t.sources == [-1, 0, 1, 1, 0]
-    assert t.heads[0].layer == "hidden.0" and t.heads[1].layer == "hidden.0"
-    assert t.heads[2].layer is None and t.heads[4].layer is None  # no inner children
-    assert isinstance(t.heads[3].module, ConstantHead)  # s1 has a single child
-    spec = {i: getattr(t.heads[i].module, "spec", None) for i in t.heads}
+    assert t.sources_ == [-1, 0, 1, 1, 0]
+    assert t.heads_[0].layer == "hidden.0" and t.heads_[1].layer == "hidden.0"
+    assert t.heads_[2].layer is None and t.heads_[4].layer is None  # no inner children
+    assert isinstance(t.heads_[3].module, ConstantHead)  # s1 has a single child
+    spec = {i: getattr(t.heads_[i].module, "spec", None) for i in t.heads_}
     assert spec[0]["sizes"] == [16, 24]  # root reads the parent's tap
     assert spec[1]["sizes"] == [24, 24] and spec[2]["sizes"] == [24, 24]
     assert spec[4]["sizes"] == [24, 24]
@@ -444,7 +475,7 @@ def test_branches_of_branches(tmp_path: Path, data: Data, pretrained: nn.Module)
     torch.testing.assert_close(t.predict_proba(data.test.x).sum(1), torch.ones(len(data.test)))
     # saved and loaded, traced: identical
     loaded = BranchTree.load(t.save(tmp_path / "saved"))
-    assert loaded.sources == t.sources
+    assert loaded.sources_ == t.sources_
     assert_same(loaded.predict(data.test.x), pred)
     traced = t.to_torchscript()
     leaf, _, _, stop, probs = traced(data.test.x)
@@ -458,11 +489,11 @@ def test_single_child_node(tmp_path: Path, data: Data, pretrained: nn.Module,
     hier = {"g0": ["c0", "c1", "c2"], "g1": {"only": ["c3", "c4", "c5"]}}
     t = make_tree(tmp_path, pretrained, hierarchy=hier, node_input=node_input,
                   train_parent=False).fit(data)
-    assert t.layout is not None and t.layout.nodes == ["root", "g0", "g1", "only"]
-    assert isinstance(t.heads[2].module, ConstantHead)
-    assert t.fit_summary["nodes"]["g1"]["constant"] is True
+    assert t.layout_ is not None and t.layout_.nodes == ["root", "g0", "g1", "only"]
+    assert isinstance(t.heads_[2].module, ConstantHead)
+    assert t.fit_summary_["nodes"]["g1"]["constant"] is True
     # "only" must not read the constant head's (empty) hidden layer
-    assert t.sources[3] == -1
+    assert t.sources_[3] == -1
     x = data.test.x
     torch.testing.assert_close(t.node_proba("g1", x), torch.ones(len(x), 1))
     pred = t.predict(x)
@@ -501,16 +532,16 @@ def test_pretrained_parent_is_not_modified(tree: BranchTree, tmp_path: Path, dat
 
 
 def test_save_load_identical(tree: BranchTree, data: Data, tmp_path: Path) -> None:
-    tree.calibrate(data.val, method="coverage", coverage=0.8)
+    tree.calibrate(blobs(120, 6), method="coverage", coverage=0.8)
     path = tree.save(tmp_path / "saved")
     assert (path / "tree.json").is_file() and (path / "weights.safetensors").is_file()
     loaded = BranchTree.load(path)
     assert_same(loaded.predict(data.test.x), tree.predict(data.test.x))
     assert loaded.thresholds_list() == tree.thresholds_list()
-    assert loaded.calibration == tree.calibration
-    assert loaded.hierarchy == tree.hierarchy
-    assert loaded.input_shape == (8,)
-    assert loaded.fit_summary == json.loads(json.dumps(tree.fit_summary))
+    assert loaded.calibration_ == tree.calibration_
+    assert loaded.hierarchy_ == tree.hierarchy_
+    assert loaded.input_shape_ == (8,)
+    assert loaded.fit_summary_ == json.loads(json.dumps(tree.fit_summary_))
     assert not any(p.requires_grad for p in loaded.parent.parameters())
     reset(tree, data)
 
@@ -556,7 +587,7 @@ def test_load_damaged(tree: BranchTree, tmp_path: Path) -> None:
 @pytest.mark.parametrize("policy", ["hard", "soft"])
 def test_torchscript_identical(base_dir: Path, data: Data, tmp_path: Path, policy: str) -> None:
     t = variant(base_dir, data, policy=policy)
-    t.calibrate(data.val, method="coverage", coverage=0.8)
+    t.calibrate(blobs(120, 6), method="coverage", coverage=0.8)
     t.to_torchscript(tmp_path / "tree.pt")
     traced = torch.jit.load(str(tmp_path / "tree.pt"))
     x = data.test.x[:97]  # another batch size than the traced example
@@ -579,10 +610,10 @@ def test_custom_head_factory(tmp_path: Path, data: Data, pretrained: nn.Module) 
     # g1 gets the default head; fitting on a bare Split splits a validation set off it
     t = make_tree(tmp_path, pretrained, head={"g0": small}, train_parent=False)
     t.fit(data.train, classes=CLASSES)
-    g0 = t.fit_summary["nodes"]["g0"]
+    g0 = t.fit_summary_["nodes"]["g0"]
     assert g0["n_train"] + g0["n_val"] == 120 and g0["n_val"] > 0
-    assert isinstance(t.heads[1].module, nn.Sequential)
-    assert isinstance(t.heads[2].module, models.MLP)
+    assert isinstance(t.heads_[1].module, nn.Sequential)
+    assert isinstance(t.heads_[2].module, models.MLP)
     assert t.score(data.test.x, data.test.y) > 0.75
     path = t.save(tmp_path / "saved")
     with pytest.raises(TreeError, match="custom module: pass heads"):
@@ -621,7 +652,7 @@ def test_resume_reuses_training_and_cache(tmp_path: Path, data: Data,
     assert len(trainers) == 3  # nothing trained again
     assert all(n <= 2 for n in calls2)  # only the output-size check: activations were cached
     assert_same(second.predict(data.test.x), first.predict(data.test.x))
-    assert second.fit_summary == first.fit_summary
+    assert second.fit_summary_ == first.fit_summary_
 
     # an interrupted run: only the unfinished node is trained again
     (tmp_path / "nodes" / "02-g1" / "result.json").unlink()
@@ -648,7 +679,7 @@ def test_unknown_tap_lists_layers() -> None:
         ({"router": "magic"}, "router='magic'"),
         ({"node_input": "x"}, "node_input='x'"),
         ({"policy": "greedy"}, "policy='greedy'"),
-        ({"score": "energy"}, "score='energy'"),
+        ({"confidence": "energy"}, "confidence='energy'"),
         ({"parent_labels": "mid"}, "parent_labels='mid'"),
         ({"cache_dtype": "int8"}, "cache_dtype='int8'"),
     ],
@@ -720,6 +751,56 @@ def test_unfitted_tree() -> None:
     assert "not fitted" in repr(t)
 
 
-def test_fit_needs_data_or_split(tmp_path: Path, data: Data) -> None:
-    with pytest.raises(TreeError, match="Data or a Split"):
-        make_tree(tmp_path).fit((data.train.x, data.train.y))  # type: ignore[arg-type]
+def test_fit_bad_combinations(tmp_path: Path, data: Data) -> None:
+    t = make_tree(tmp_path)
+    x, y = data.train.x, data.train.y
+    for args, kw, match in [
+        (((x, y),), {}, r"fit expects a Data, a Split, or inputs X .* got tuple"),
+        ((x,), {}, r"inputs X \(Tensor\) without labels y"),
+        ((data, y), {}, "a Data carries its labels"),
+        ((data.train, y.numpy()), {}, "a Split carries its labels"),
+        ((data,), {"val": "val"}, "val must be a Split or an"),
+        ((x, y.float()), {}, "class indices or class names, got dtype float32"),
+        ((x, ["c9"] * len(x)), {"classes": CLASSES}, r"labels \['c9'\] are not among"),
+    ]:
+        with pytest.raises(TreeError, match=match):
+            t.fit(*args, **kw)
+    with pytest.raises(TreeError, match=r"resume=True .* construct it with workdir"):
+        BranchTree(parent_net(), "hidden.1").fit(data, resume=True)
+    assert not any(tmp_path.iterdir())  # every refusal came before any work
+
+
+def test_constructor_arguments_are_stored_as_given() -> None:
+    head_train = {"epochs": 2}
+    t = BranchTree(parent_net(), "hidden.1", hierarchy=HIER, router="learned", confidence="margin",
+                   head_train=head_train, workdir="somewhere")
+    params = t.get_params()
+    assert params["hierarchy"] is HIER and params["head_train"] is head_train
+    assert params["router"] == "learned" and params["confidence"] == "margin"
+    assert params["workdir"] == "somewhere" and params["progress"] is False
+    assert BranchTree(**params).get_params() == params
+    assert not [a for a in vars(t) if a.endswith("_")]  # no fitted state before fit
+
+
+def test_fit_on_arrays_and_class_names_leaves_no_temporary_folder(
+        tmp_path: Path, data: Data, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    names = np.array(CLASSES)[data.train.y.numpy()]
+    t = BranchTree(parent_net(), "hidden.1", hierarchy=HIER, parent_train=FAST, head_train=HEAD_FAST)
+    t.fit(data.train.x.numpy(), names, val=(data.val.x, np.array(CLASSES)[data.val.y.numpy()]))
+    assert t.classes_ == CLASSES and t.hierarchy_.leaves_under("g1") == ["c3", "c4", "c5"]
+    assert t.fit_summary_["nodes"]["g0"]["n_val"] == 60  # the given validation set was used
+    # the checkpoints and the parent's activation cache lived in a folder that is gone; the
+    # heads hold their own weights
+    assert list(tmp_path.iterdir()) == []
+    accuracy = t.score(data.test.x, data.test.y)
+    assert accuracy > 0.75 and t.score(data.test.x, np.array(CLASSES)[data.test.y]) == accuracy
+    loaded = BranchTree.load(t.save(tmp_path / "saved"))
+    assert_same(loaded.predict(data.test.x), t.predict(data.test.x))
+    # also when fit fails halfway (after training the parent)
+    bad = BranchTree(parent_net(), "hidden.1", hierarchy=HIER, parent_train=FAST,
+                     head=lambda i, o: nn.Linear(i, o + 1))
+    with pytest.raises(TreeError, match="outputs"):
+        bad.fit(torch.from_numpy(data.train.x.numpy()), data.train.y, classes=CLASSES)
+    assert [p.name for p in tmp_path.iterdir()] == ["saved"]
+    assert "not fitted" in repr(bad)

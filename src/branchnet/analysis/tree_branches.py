@@ -144,9 +144,9 @@ def tree_specialization(tree: Any, test: Split, *, top_fraction: float = 0.1,
     """Compare every pair of a fitted tree's heads that read the parent's tapped layer."""
     lay = tree._require_fit()
     del seed  # deterministic: no sampling involved
-    n_units = int(tree.fit_summary.get("tap_dim", 0))
-    heads = {lay.nodes[i]: t.module for i, t in tree.heads.items()
-             if tree.sources[i] < 0 and lay.n_children[i] > 1}
+    n_units = int(tree.fit_summary_.get("tap_dim", 0))
+    heads = {lay.nodes[i]: t.module for i, t in tree.heads_.items()
+             if tree.sources_[i] < 0 and lay.n_children[i] > 1}
     if len(heads) < 2:
         raise AnalysisError("the tree needs at least two learned heads reading the parent's layer "
                             f"to compare; it has {sorted(heads)}")
@@ -169,7 +169,7 @@ def tree_specialization(tree: Any, test: Split, *, top_fraction: float = 0.1,
 
 
 def _own_accuracy(tree: Any, node: str, test: Split) -> float:
-    slots = tree.layout.slot_of_label(node, test.y)
+    slots = tree.layout_.slot_of_label(node, test.y)
     rows = torch.nonzero(slots >= 0).flatten()
     if len(rows) == 0:
         raise AnalysisError(f"no test inputs of {node!r}'s classes")

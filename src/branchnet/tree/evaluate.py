@@ -58,7 +58,7 @@ def branch_metrics(tree: BranchTree, test: Split) -> dict[str, dict[str, Any]]:
         # the tree's threshold applies to each node's local score under greedy routing only
         # (soft routing thresholds the path probability)
         if calibrated[i] > float("-inf") and tree.policy in ("hard", "threshold"):
-            rec["at_calibrated"] = _accept_stats(local_score(probs, tree.score_kind), correct,
+            rec["at_calibrated"] = _accept_stats(local_score(probs, tree.confidence), correct,
                                                  calibrated[i])
         out[node] = rec
     return out
@@ -93,20 +93,20 @@ def evaluate(tree: BranchTree, test: Split) -> tuple[dict[str, Any], dict[str, F
         "brier": metrics.brier(pred.leaf_probs, y),
         "ece": metrics.ece(pred.leaf_probs, y),
         "hierarchical": hierarchical_scores(pred, y, tree),
-        "calibration": tree.calibration,
+        "calibration": tree.calibration_,
         "branches": branch_metrics(tree, test),
         "per_class": metrics.per_class_table(pred.leaf, y, lay.classes, scores=conf,
-                                             threshold=tree.calibration.get("threshold")),
+                                             threshold=tree.calibration_.get("threshold")),
     }
-    if tree.backoff:
+    if pred.backoff:
         result["backed_off"] = int((pred.stop_level > 0).sum())
     rc = selective.plot_risk_coverage({"tree": (conf, correct)})
-    if tree.calibration:
+    if tree.calibration_:
         ax = rc.axes[0]
         ax.axvline(result["coverage"], ls="--", color="gray",
                    label=f"calibrated threshold ({result['coverage']:.1%} accepted)")
-        if tree.calibration.get("target_risk"):
-            ax.axhline(tree.calibration["target_risk"], ls=":", color="red", label="target risk")
+        if tree.calibration_.get("target_risk"):
+            ax.axhline(tree.calibration_["target_risk"], ls=":", color="red", label="target risk")
         ax.legend(fontsize=8)
     figures = {
         "risk_coverage": rc,

@@ -4,11 +4,11 @@ Example:
     >>> import branchnet as bn
     >>> data = bn.data.load("digits", seed=0)
     >>> hier = bn.Hierarchy.from_dict({"round": [0, 6, 8, 9], "straight": [1, 4, 7], "curly": [2, 3, 5]})
-    >>> fast = {"epochs": 3, "progress": False}
+    >>> fast = {"epochs": 3}
     >>> tree = bn.BranchTree(bn.models.mlp([64, 128, 64], 10), tap="hidden.1",
-    ...                      parent_train=fast, head_train=fast, progress=False)
-    >>> select, calib = data.val.split(0.5)
-    >>> tree = tree.fit(data, select, hierarchy=hier)
+    ...                      parent_train=fast, head_train=fast)
+    >>> select, calib = data.val.split(0.5)   # early stopping / calibration only
+    >>> tree = tree.fit(data, val=select, hierarchy=hier)
     >>> _ = tree.calibrate(calib, method="coverage", coverage=0.9)
     >>> pred = tree.predict(data.test.x)
     >>> 0.5 < pred.coverage <= 1.0
@@ -17,6 +17,8 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
+import inspect
 import json
 import math
 import re
@@ -71,12 +73,79 @@ def _as_tensor(x: Any) -> torch.Tensor:
     return x.float()
 
 
+def _fit_inputs(X: Any, y: Any, val: Any, classes: list[str] | None,
+                preprocessing: dict[str, Any] | None
+                ) -> tuple[Split, Split | None, list[str], dict[str, Any]]:
+    """(train, val or None, classes, preprocessing) from the forms :meth:`BranchTree.fit` takes."""
+    if isinstance(X, (Data, Split)):
+        if isinstance(y, Split) and val is None:  # fit(data, select): the validation split
+            y, val = None, y
+        if y is not None:
+            raise TreeError(f"fit got a {type(X).__name__} and y of type {type(y).__name__}: a "
+                            f"{type(X).__name__} carries its labels (pass y only with array "
+                            "inputs X, and a validation Split as val=...)")
+        if isinstance(X, Data):
+            classes = classes or X.classes
+            preprocessing = preprocessing or X.preprocessing
+            val = X.val if val is None else val
+            X = X.train
+        train = X
+    elif isinstance(X, (np.ndarray, torch.Tensor)):
+        if y is None:
+            raise TreeError(f"fit got inputs X ({type(X).__name__}) without labels y: pass "
+                            "fit(X, y), or a Data or a Split")
+        labels, classes = _labels(y, classes)
+        train = Split(_as_tensor(X), labels)
+    else:
+        raise TreeError(f"fit expects a Data, a Split, or inputs X (array or tensor) with labels "
+                        f"y; got {type(X).__name__}")
+    if isinstance(val, tuple) and len(val) == 2:
+        val = Split(_as_tensor(val[0]), _labels(val[1], classes)[0])
+    if val is not None and not isinstance(val, Split):
+        raise TreeError(f"val must be a Split or an (X, y) pair, got {type(val).__name__}")
+    if classes is None:
+        classes = [str(i) for i in range(int(train.y.max()) + 1)]
+    return train, val, list(classes), dict(preprocessing or {})
+
+
+def _labels(y: Any, classes: list[str] | None) -> tuple[torch.Tensor, list[str] | None]:
+    """Labels as int64 class indices, and the classes (the sorted names for names without any)."""
+    arr = np.asarray(y.cpu() if isinstance(y, torch.Tensor) else y)
+    if arr.ndim != 1:
+        raise TreeError(f"labels y must be 1-D, got shape {arr.shape}")
+    if arr.dtype.kind in "iu":
+        return torch.from_numpy(arr.astype(np.int64)), classes
+    if arr.dtype.kind not in "UO":
+        raise TreeError(f"labels y must be class indices or class names, got dtype {arr.dtype}")
+    names = [str(v) for v in arr]
+    classes = list(classes) if classes is not None else sorted(set(names))
+    index = {c: i for i, c in enumerate(classes)}
+    unknown = sorted(set(names) - set(index))
+    if unknown:
+        raise TreeError(f"labels {unknown} are not among the classes {classes}")
+    return torch.tensor([index[n] for n in names], dtype=torch.long), classes
+
+
+def _row_hashes(x: torch.Tensor) -> np.ndarray:
+    """A 64-bit blake2b hash of each input row's float32 bytes."""
+    rows = _as_tensor(x).detach().cpu().contiguous().flatten(1).numpy()
+    return np.frombuffer(b"".join(hashlib.blake2b(r, digest_size=8).digest() for r in rows),
+                         dtype=np.uint64)
+
+
 def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)[:40]
 
 
 class BranchTree:
     """A frozen parent network, its tapped hidden layer, and one branch head per internal node.
+
+    A scikit-learn-style estimator: the constructor stores its arguments as given (see
+    :meth:`get_params`); :meth:`fit` sets the fitted state, in attributes ending in ``_``:
+    ``classes_``, ``hierarchy_`` (bound to the classes), ``layout_``, ``heads_`` (node index ->
+    :class:`Tapped` head), ``sources_``, ``router_`` (the :class:`TreeRouter` module),
+    ``preprocessing_``, ``input_shape_``, ``fit_summary_``, ``fitted_rows_`` (hashes of the
+    inputs used in fitting) and ``calibration_`` (set by :meth:`calibrate`).
 
     Args:
         parent: any ``nn.Module`` classifier. Trained by :meth:`fit` unless
@@ -93,16 +162,20 @@ class BranchTree:
             :func:`branchnet.models.branch_head` (``n_in -> 256 -> n_out``, dropout 0.5).
         policy: routing policy, one of ``hard``, ``threshold`` (hard, and backs off to the
             deepest confident node instead of abstaining), ``soft``, ``topk``.
-        score: local confidence, ``msp``, ``margin`` or ``entropy``.
-        backoff: predict the deepest confident node instead of abstaining.
-        parent_train / head_train: :class:`~branchnet.engine.TrainConfig` or dict.
+        confidence: the local confidence score of a node, ``msp``, ``margin`` or ``entropy``.
+        backoff: predict the deepest confident node instead of abstaining (always on for the
+            ``threshold`` policy).
+        parent_train / head_train: :class:`~branchnet.engine.TrainConfig` or dict (a dict's
+            ``progress`` defaults to ``progress``).
         head_callbacks: ``node -> [Lightning callbacks]`` for the training of each node's head,
             e.g. ``lambda node: [DynamicSparsity("rigl", density=0.2)]`` for sparse branches.
         parent_labels: train the parent on ``"fine"`` classes or ``"coarse"`` root groups.
         workdir: folder for checkpoints (needed for ``fit(..., resume=True)``); default a
-            temporary folder. cache_dir: activation cache (default ``workdir/cache`` for a
-            parent trained here, ``$BRANCHNET_CACHE_DIR/activations`` for a pretrained one, so
-            every run on the same parent, layer and data reuses it).
+            temporary folder, removed when :meth:`fit` returns. cache_dir: activation cache
+            (default ``workdir/cache`` for a parent trained here, so also temporary without a
+            workdir; ``$BRANCHNET_CACHE_DIR/activations`` for a pretrained one, so every run on
+            the same parent, layer and data reuses it).
+        progress: progress bars while caching activations and training.
     """
 
     def __init__(
@@ -116,7 +189,7 @@ class BranchTree:
         branch_tap: str = "hidden.0",
         head: HeadFactory | dict[str, HeadFactory] | None = None,
         policy: str = "hard",
-        score: str = "msp",
+        confidence: str = "msp",
         backoff: bool = False,
         train_parent: bool = True,
         parent_train: TrainConfig | dict | None = None,
@@ -126,17 +199,18 @@ class BranchTree:
         workdir: str | Path | None = None,
         cache_dir: str | Path | None = None,
         cache_dtype: str = "float16",
-        progress: bool = True,
+        progress: bool = False,
     ):
         _check_choice("router", router, ("parent", "learned"))
         _check_choice("node_input", node_input, ("parent", "branch"))
         _check_choice("policy", policy, POLICIES)
-        _check_choice("score", score, SCORES)
+        _check_choice("confidence", confidence, SCORES)
         _check_choice("parent_labels", parent_labels, ("fine", "coarse"))
         _check_choice("cache_dtype", cache_dtype, ("float16", "float32"))
-        if policy in ("soft", "topk") and score != "msp":
-            raise TreeError(f"score={score!r} applies to hard and threshold routing; the {policy} "
-                            "policy's confidence is the path probability (use score='msp')")
+        if policy in ("soft", "topk") and confidence != "msp":
+            raise TreeError(f"confidence={confidence!r} applies to hard and threshold routing; the "
+                            f"{policy} policy's confidence is the path probability "
+                            "(use confidence='msp')")
         if not isinstance(parent, nn.Module):
             raise TreeError(f"parent must be an nn.Module, got {type(parent).__name__}")
         names = layer_names(parent)
@@ -144,83 +218,97 @@ class BranchTree:
             raise TreeError(f"the parent has no layer {tap!r}; its layers are {names}")
         self.parent = parent
         self.tap = tap
-        self.hierarchy = Hierarchy.from_dict(hierarchy) if isinstance(hierarchy, dict) else hierarchy
-        self.router_kind = router
+        self.hierarchy = hierarchy
+        self.router = router
         self.node_input = node_input
         self.branch_tap = branch_tap
         self.head = head
         self.policy = policy
-        self.score_kind = score
-        self.backoff = backoff or policy == "threshold"
+        self.confidence = confidence
+        self.backoff = backoff
         self.train_parent = train_parent
-        self.parent_train = _train_config(parent_train, progress)
+        self.parent_train = parent_train
         self.parent_labels = parent_labels
-        self.head_train = _train_config(head_train, progress, default=HEAD_TRAIN_DEFAULTS)
+        self.head_train = head_train
         self.head_callbacks = head_callbacks
-        self.workdir = Path(workdir) if workdir else None
-        self.cache_dir = Path(cache_dir) if cache_dir else None
+        self.workdir = workdir
+        self.cache_dir = cache_dir
         self.cache_dtype = cache_dtype
         self.progress = progress
-        self.layout: TreeLayout | None = None
-        self.router: TreeRouter | None = None
-        self.heads: dict[int, Tapped] = {}
-        self.sources: list[int] = []
-        self.preprocessing: dict[str, Any] = {}
-        self.input_shape: tuple[int, ...] | None = None
-        self.calibration: dict[str, Any] = {}
-        self.fit_summary: dict[str, Any] = {}
+
+    def get_params(self, deep: bool = True) -> dict[str, Any]:
+        """The constructor arguments as given (``deep`` only for scikit-learn compatibility:
+        nothing nested is expanded)."""
+        return {name: getattr(self, name)
+                for name in list(inspect.signature(type(self).__init__).parameters)[1:]}
 
     # ------------------------------------------------------------------------------------ fit
     def fit(
         self,
-        train: Data | Split,
-        val: Split | None = None,
+        X: Data | Split | np.ndarray | torch.Tensor,
+        y: Any = None,
         *,
+        val: Split | tuple[Any, Any] | None = None,
         hierarchy: Hierarchy | dict | None = None,
         classes: list[str] | None = None,
         preprocessing: dict[str, Any] | None = None,
         resume: bool = False,
     ) -> BranchTree:
-        """Train the parent (unless pretrained), cache its tapped activations, train every head."""
-        if isinstance(train, Data):
-            classes = classes or train.classes
-            preprocessing = preprocessing or train.preprocessing
-            val = val if val is not None else train.val
-            train = train.train
-        if not isinstance(train, Split):
-            raise TreeError(f"fit expects a Data or a Split, got {type(train).__name__}")
-        if classes is None:
-            classes = [str(i) for i in range(int(train.y.max()) + 1)]
+        """Train the parent (unless pretrained), cache its tapped activations, train every head.
+
+        ``X`` is a :class:`Data` (its train split; its val split for early stopping unless
+        ``val`` is given), a :class:`Split`, or inputs ``[N, ...]`` (array or tensor) with
+        labels ``y`` (class indices, or class names: then ``classes`` defaults to the sorted
+        names). ``val`` is a Split or an ``(X, y)`` pair; a Split may also come second
+        positionally after a Data or Split, as ``fit(data, select)``. Without ``val`` a
+        stratified tenth of the training split is held out for early stopping.
+        """
+        if resume and self.workdir is None:
+            raise TreeError("resume=True continues from the checkpoints in workdir, but this tree "
+                            "has none: construct it with workdir=...")
+        train, val, classes, preprocessing = _fit_inputs(X, y, val, classes, preprocessing)
+        if self.workdir is not None:
+            return self._fit(train, val, classes, hierarchy, preprocessing, Path(self.workdir),
+                             resume)
+        with tempfile.TemporaryDirectory(prefix="branchnet-tree-") as tmp:
+            return self._fit(train, val, classes, hierarchy, preprocessing, Path(tmp), False)
+
+    def _fit(self, train: Split, val: Split | None, classes: list[str],
+             hierarchy: Hierarchy | dict | None, preprocessing: dict[str, Any], workdir: Path,
+             resume: bool) -> BranchTree:
+        parent_train = _train_config(self.parent_train, self.progress)
+        head_train = _train_config(self.head_train, self.progress, default=HEAD_TRAIN_DEFAULTS)
         hier = hierarchy if hierarchy is not None else self.hierarchy
         hier = Hierarchy.from_dict(hier) if isinstance(hier, dict) else hier
         hier = hier or Hierarchy.flat(classes)
         layout = TreeLayout(hier, classes)
         layout.hierarchy.check_labels(train.y.tolist(), classes)
         if val is None:  # a stratified tenth of the training split, for early stopping
-            train, val = train.split(0.1, seed=self.head_train.seed)
+            train, val = train.split(0.1, seed=head_train.seed)
         layout.hierarchy.check_labels(val.y.tolist(), classes)
         for i, node in enumerate(layout.nodes):
             for name, split in (("training", train), ("validation", val)):
                 if layout.n_children[i] > 1 and not (layout.slot_of_label(node, split.y) >= 0).any():
                     raise TreeError(f"node {node!r} has no {name} examples (classes "
                                     f"{layout.hierarchy.leaves_under(node)}); every node needs both")
-        self.layout, self.hierarchy = layout, layout.hierarchy
-        self.preprocessing = dict(preprocessing or {})
-        self.input_shape = tuple(train.x.shape[1:])
-        workdir = self.workdir or Path(tempfile.mkdtemp(prefix="branchnet-tree-"))
-        self.workdir = workdir
+        vars(self).pop("router_", None)  # not fitted until this fit completes
+        self.classes_, self.layout_, self.hierarchy_ = list(classes), layout, layout.hierarchy
+        self.preprocessing_ = dict(preprocessing)
+        self.input_shape_ = tuple(train.x.shape[1:])
+        self.fitted_rows_ = np.unique(np.concatenate([_row_hashes(train.x), _row_hashes(val.x)]))
+        self.calibration_: dict[str, Any] = {}
         summary: dict[str, Any] = {"classes": list(classes), "nodes": {}}
 
         # 1. the parent
         n_parent_out = len(classes) if self.parent_labels == "fine" else layout.n_children[0]
-        if self.train_parent or self.router_kind == "parent":
+        if self.train_parent or self.router == "parent":
             self._check_parent_output(train.x[:2], n_parent_out)
         if self.train_parent:
             self.parent.train().requires_grad_(True)
             targets = train.y if self.parent_labels == "fine" else layout.leaf_slots[train.y, 0]
             vtargets = val.y if self.parent_labels == "fine" else layout.leaf_slots[val.y, 0]
             res = fit(self.parent, TensorPairs(train.x, targets), TensorPairs(val.x, vtargets),
-                      self.parent_train, workdir=workdir / "parent", resume=resume,
+                      parent_train, workdir=workdir / "parent", resume=resume,
                       description="parent")
             summary["parent"] = _fit_brief(res)
         self.parent.eval().requires_grad_(False)
@@ -230,10 +318,10 @@ class BranchTree:
         # trained here is unique to this run, so its activations stay in the run's folder
         default_cache = default_cache_dir() / "activations" if not self.train_parent else (
             workdir / "cache")
-        cache = ActivationCache(self.cache_dir or default_cache,
+        cache = ActivationCache(Path(self.cache_dir) if self.cache_dir else default_cache,
                                 dtype=getattr(torch, self.cache_dtype))
         acts = {
-            name: cache.get(self.parent, self.tap, split, preprocessing=self.preprocessing,
+            name: cache.get(self.parent, self.tap, split, preprocessing=self.preprocessing_,
                             progress=self.progress)
             for name, split in (("train", train), ("val", val))
         }
@@ -241,20 +329,21 @@ class BranchTree:
         summary["tap_dim"] = in_dim
 
         # 3. one head per internal node, top-down
-        root_from_parent = self.router_kind == "parent"
-        self.sources, self.heads = [], {}
+        root_from_parent = self.router == "parent"
+        self.sources_, self.heads_ = [], {}
         for i, node in enumerate(layout.nodes):
             parent_node = layout.parent_of[i]
             src = -1
-            if self.node_input == "branch" and parent_node in self.heads:
+            if self.node_input == "branch" and parent_node in self.heads_:
                 # the hidden layer of the head above; a constant head (single child) has none,
                 # so read what that head reads
-                above = self.heads[parent_node]
-                src = parent_node if above.layer else self.sources[parent_node]
-            self.sources.append(src)
+                above = self.heads_[parent_node]
+                src = parent_node if above.layer else self.sources_[parent_node]
+            self.sources_.append(src)
             if i == 0 and root_from_parent:
                 continue
-            head = self._make_head(node, self._input_dim(i, in_dim, acts), layout.n_children[i])
+            head = self._make_head(i, self._input_dim(i, in_dim, acts), layout.n_children[i],
+                                   head_train.seed)
             has_inner_kids = any(int(c) >= 0 for c in layout.child_node[i])
             layer = (self.branch_tap if self.node_input == "branch" and has_inner_kids
                      and not isinstance(head, ConstantHead) else None)
@@ -270,15 +359,15 @@ class BranchTree:
                     slots = layout.slot_of_label(node, split.y)
                     rows = torch.nonzero(slots >= 0).flatten()
                     node_data[name] = self._node_dataset(i, acts[name], rows, slots[rows])
-                res = fit(head, node_data["train"], node_data["val"], self.head_train,
+                res = fit(head, node_data["train"], node_data["val"], head_train,
                           workdir=workdir / "nodes" / f"{i:02d}-{_safe(node)}", resume=resume,
                           callbacks=self.head_callbacks(node) if self.head_callbacks else None,
                           description=f"branch {node!r} ({layout.n_children[i]} children)")
                 summary["nodes"][node] = {"n_train": len(node_data["train"]),
                                           "n_val": len(node_data["val"]), **_fit_brief(res)}
             head.eval().requires_grad_(False)
-            self.heads[i] = tapped
-        self.fit_summary = summary
+            self.heads_[i] = tapped
+        self.fit_summary_ = summary
         self._build_router()
         return self
 
@@ -296,17 +385,18 @@ class BranchTree:
         if out.ndim != 2 or out.shape[1] != expected:
             raise TreeError(
                 f"the parent outputs shape {tuple(out.shape[1:])} but {expected} "
-                f"{self.parent_labels} classes are needed (router={self.router_kind!r}); "
+                f"{self.parent_labels} classes are needed (router={self.router!r}); "
                 "give it a matching output layer, or use router='learned' with train_parent=False"
             )
 
-    def _make_head(self, node: str, n_in: int, n_out: int) -> nn.Module:
+    def _make_head(self, i: int, n_in: int, n_out: int, seed: int) -> nn.Module:
         if n_out == 1:
             return ConstantHead()
+        node = self.layout_.nodes[i]
         factory = self.head.get(node) if isinstance(self.head, dict) else self.head
         # initial weights from (seed, node) alone: a resumed fit builds the same heads
         with torch.random.fork_rng():
-            torch.manual_seed(self.head_train.seed * 1000 + self._require_fit().node_index[node])
+            torch.manual_seed(seed * 1000 + i)
             head = factory(n_in, n_out) if factory else models.branch_head(n_in, n_out)
         if not isinstance(head, nn.Module):
             raise TreeError(f"the head factory for {node!r} returned {type(head).__name__}, "
@@ -322,51 +412,50 @@ class BranchTree:
         return head.train()
 
     def _input_dim(self, i: int, tap_dim: int, acts: dict[str, CachedActivations]) -> int:
-        src = self.sources[i]
+        src = self.sources_[i]
         if src < 0:
             return tap_dim
         return int(self._branch_features(src, acts["train"][[0]].flatten(1)).shape[1])
 
     def _branch_features(self, i: int, feats: torch.Tensor) -> torch.Tensor:
         """Hidden features of head ``i`` (applying the heads above it first)."""
-        src = self.sources[i]
+        src = self.sources_[i]
         x = feats if src < 0 else self._branch_features(src, feats)
         with torch.inference_mode():
-            return self.heads[i](x)[1].clone()
+            return self.heads_[i](x)[1].clone()
 
     def _node_dataset(self, i: int, acts: CachedActivations, rows: torch.Tensor,
                       targets: torch.Tensor) -> Dataset:
-        if self.sources[i] < 0:
+        if self.sources_[i] < 0:
             return acts.dataset(targets, rows=rows, flatten=True)
-        return TensorPairs(self._branch_features(self.sources[i], acts[rows].flatten(1)), targets)
+        return TensorPairs(self._branch_features(self.sources_[i], acts[rows].flatten(1)), targets)
 
     def _build_router(self) -> None:
-        lay = self._require_fit()
+        lay = self.layout_
         groups = lay.root_groups() if self.parent_labels == "fine" else torch.eye(lay.n_children[0])
-        self.router = TreeRouter(
-            lay, Tapped(self.parent, self.tap), self.heads, self.sources,
-            root_from_parent=self.router_kind == "parent", parent_groups=groups,
-            policy="hard" if self.policy == "threshold" else self.policy, score=self.score_kind,
+        self.router_ = TreeRouter(
+            lay, Tapped(self.parent, self.tap), self.heads_, self.sources_,
+            root_from_parent=self.router == "parent", parent_groups=groups,
+            policy="hard" if self.policy == "threshold" else self.policy, score=self.confidence,
         ).eval()
         self._apply_thresholds()
 
     def _require_fit(self) -> TreeLayout:
-        if self.layout is None:
+        if not hasattr(self, "router_"):
             raise TreeError("this BranchTree is not fitted yet; call fit() or BranchTree.load()")
-        return self.layout
+        return self.layout_
 
     # ----------------------------------------------------------------------------- predict
     def _run(self, x: Any, batch_size: int = 1024) -> tuple[torch.Tensor, ...]:
         self._require_fit()
-        assert self.router is not None
         x = _as_tensor(x)
-        if self.input_shape is not None and tuple(x.shape[1:]) != self.input_shape:
+        if self.input_shape_ is not None and tuple(x.shape[1:]) != self.input_shape_:
             raise TreeError(f"inputs have shape {tuple(x.shape[1:])} but the tree was fitted on "
-                            f"{self.input_shape}")
+                            f"{self.input_shape_}")
         outs = []
         with torch.inference_mode():
             for start in range(0, len(x), batch_size):
-                outs.append(self.router(x[start:start + batch_size]))
+                outs.append(self.router_(x[start:start + batch_size]))
         return tuple(torch.cat(parts) for parts in zip(*outs, strict=True))
 
     def predict(self, x: Any) -> Prediction:
@@ -377,36 +466,36 @@ class BranchTree:
         return Prediction(label=label, leaf=leaf, path_nodes=path_nodes, path_conf=path_conf,
                           stop_level=stop, leaf_probs=leaf_probs, nodes=list(lay.nodes),
                           classes=list(lay.classes), thresholds=self.thresholds_list(),
-                          backoff=self.backoff)
+                          backoff=self.backoff or self.policy == "threshold")
 
     def predict_proba(self, x: Any) -> torch.Tensor:
         """``[N, C]`` class probabilities: the product of probabilities along each path."""
         return self._run(x)[4]
 
     def score(self, x: Any, y: Any) -> float:
-        """Accuracy of the routed class, ignoring abstention (scikit-learn convention)."""
+        """Accuracy of the routed class, ignoring abstention (scikit-learn convention); ``y``
+        holds class indices or names."""
         leaf = self._run(x)[0]
-        return float((leaf == torch.as_tensor(y)).float().mean())
+        return float((leaf == _labels(y, self.classes_)[0]).float().mean())
 
     def node_proba(self, node: str, x: Any) -> torch.Tensor:
         """Child probabilities of one node for all inputs (oracle routing, as the original)."""
         lay = self._require_fit()
         if node not in lay.node_index:
             raise TreeError(f"unknown node {node!r}; internal nodes are {lay.nodes}")
-        assert self.router is not None
         i = lay.node_index[node]
         x = _as_tensor(x)
         parts = []
         with torch.inference_mode():
             for start in range(0, len(x), 1024):
-                parts.append(self.router.node_probs(x[start:start + 1024])[:, i,
+                parts.append(self.router_.node_probs(x[start:start + 1024])[:, i,
                                                                           :lay.n_children[i]])
         return torch.cat(parts)
 
     # --------------------------------------------------------------------------- calibrate
     def calibrate(
         self,
-        val: Split | Data,
+        data: Split | None = None,
         *,
         method: str = "risk",
         target_risk: float = 0.05,
@@ -414,20 +503,20 @@ class BranchTree:
         coverage: float | None = None,
         threshold: float | dict[str, float] = 0.96,
     ) -> dict[str, Any]:
-        """Set the abstention thresholds on held-out data.
+        """Set the abstention thresholds on held-out data ``data`` (a :class:`Split`).
 
         * ``method="risk"``: the largest coverage whose selective risk is at most
           ``target_risk`` with probability at least ``1 - delta`` (SGR, binomial bound).
         * ``method="coverage"``: accept the given fraction of the calibration inputs.
-        * ``method="fixed"``: a given threshold (0.96 as in Neural-Branching) or one per node.
+        * ``method="fixed"``: a given threshold (0.96 as in Neural-Branching) or one per node;
+          needs no data.
 
-        The guarantee holds for calibration data that played no part in fitting: not the
-        split used for early stopping (hold part of the validation split out, e.g. with
-        ``data.val.split(0.5)``, as ``branchnet tree fit`` does).
+        The guarantee holds for calibration data that played no part in fitting, so inputs
+        that :meth:`fit` used (training or early stopping, recorded in ``fitted_rows_``) are
+        refused: hold part of the validation split out, e.g. with ``data.val.split(0.5)``, as
+        ``branchnet tree fit`` does. A loaded tree has no such record and cannot check.
         """
         lay = self._require_fit()
-        if isinstance(val, Data):
-            val = val.val
         _check_choice("method", method, ("risk", "coverage", "fixed"))
         info: dict[str, Any] = {"method": method}
         if method == "fixed":
@@ -439,12 +528,13 @@ class BranchTree:
             else:
                 info["threshold"] = float(threshold)
         else:
-            saved = self.calibration
-            self.calibration = {}
+            calib = self._held_out(data, method)
+            saved = self.calibration_
+            self.calibration_ = {}
             self._apply_thresholds()
-            pred = self.predict(val.x)
-            self.calibration = saved
-            kappa, correct = pred.confidence, (pred.leaf == val.y)
+            pred = self.predict(calib.x)
+            self.calibration_ = saved
+            kappa, correct = pred.confidence, (pred.leaf == calib.y)
             if method == "coverage":
                 if coverage is None or not 0 < coverage <= 1:
                     raise TreeError(f"coverage must be in (0, 1], got {coverage}")
@@ -455,28 +545,44 @@ class BranchTree:
                 if not res.feasible:
                     warnings.warn(
                         f"no threshold reaches selective risk <= {target_risk} with confidence "
-                        f"{1 - delta} on {len(val)} calibration inputs (best bound "
+                        f"{1 - delta} on {len(calib)} calibration inputs (best bound "
                         f"{res.risk_bound:.3f}); the tree will abstain on every input. Use more "
                         "calibration data, a larger target_risk or a larger delta.", stacklevel=2)
                 info.update(threshold=float(res.threshold), risk_bound=float(res.risk_bound),
                             target_risk=target_risk, delta=delta, feasible=bool(res.feasible),
                             calibration_coverage=float(res.coverage),
                             calibration_risk=float(res.empirical_risk))
-            info["n_calibration"] = len(val)
-        self.calibration = info
+            info["n_calibration"] = len(calib)
+        self.calibration_ = info
         self._apply_thresholds()
         return info
 
+    def _held_out(self, data: Any, method: str) -> Split:
+        """``data`` as a Split, refused if any of its inputs took part in fitting."""
+        hint = ("the risk guarantee needs held-out data: split the validation set, e.g. select, "
+                "calib = data.val.split(0.5), fit(data, val=select) and calibrate(calib)")
+        if isinstance(data, Data):
+            raise TreeError(f"calibrate got a Data, whose val split fit(data) uses for early "
+                            f"stopping; {hint}")
+        if not isinstance(data, Split):
+            raise TreeError(f"method={method!r} needs calibration data as a Split, got "
+                            f"{type(data).__name__}")
+        if self.fitted_rows_ is not None:
+            used = int(np.isin(_row_hashes(data.x), self.fitted_rows_).sum())
+            if used:
+                raise TreeError(f"{used} of {len(data)} calibration inputs were used to fit this "
+                                f"tree (training or early stopping); {hint}")
+        return data
+
     def thresholds_list(self) -> list[float]:
         lay = self._require_fit()
-        c = self.calibration
+        c = self.calibration_
         if "thresholds" in c:
             return [float(c["thresholds"][n]) for n in lay.nodes]
         return [float(c.get("threshold", float("-inf")))] * len(lay.nodes)
 
     def _apply_thresholds(self) -> None:
-        if self.router is not None:
-            self.router.thresholds.copy_(torch.tensor(self.thresholds_list()))
+        self.router_.thresholds.copy_(torch.tensor(self.thresholds_list()))
 
     # ------------------------------------------------------------------------ save / load
     def save(self, path: str | Path) -> Path:
@@ -486,7 +592,7 @@ class BranchTree:
         path.mkdir(parents=True, exist_ok=True)
         weights = {f"parent.{k}": v for k, v in self.parent.state_dict().items()}
         head_specs = {}
-        for i, tapped in self.heads.items():
+        for i, tapped in self.heads_.items():
             weights.update({f"heads.{i}.{k}": v for k, v in tapped.module.state_dict().items()})
             spec = ({"kind": "constant"} if isinstance(tapped.module, ConstantHead)
                     else models.spec_of(tapped.module))
@@ -494,13 +600,13 @@ class BranchTree:
         meta = {
             "format": "branchnet.tree", "version": FORMAT_VERSION,
             "classes": lay.classes, "hierarchy": lay.hierarchy.to_dict(), "tap": self.tap,
-            "router": self.router_kind, "node_input": self.node_input,
-            "branch_tap": self.branch_tap, "policy": self.policy, "score": self.score_kind,
+            "router": self.router, "node_input": self.node_input,
+            "branch_tap": self.branch_tap, "policy": self.policy, "score": self.confidence,
             "backoff": self.backoff, "parent_labels": self.parent_labels,
             "parent_spec": models.spec_of(self.parent), "heads": head_specs,
-            "sources": self.sources, "preprocessing": self.preprocessing,
-            "input_shape": list(self.input_shape or ()), "calibration": _jsonable(self.calibration),
-            "fit_summary": _jsonable(self.fit_summary),
+            "sources": self.sources_, "preprocessing": self.preprocessing_,
+            "input_shape": list(self.input_shape_ or ()),
+            "calibration": _jsonable(self.calibration_), "fit_summary": _jsonable(self.fit_summary_),
         }
         save_weights(weights, path / "weights.safetensors")
         tmp = path / "tree.json.tmp"
@@ -528,15 +634,16 @@ class BranchTree:
                 raise TreeError("this tree's parent is a custom module: pass parent=... to load()")
             parent = models.build(meta["parent_spec"])
         _load_prefixed(parent, weights, "parent.", "parent")
-        tree = cls(parent, meta["tap"], router=meta["router"], node_input=meta["node_input"],
-                   branch_tap=meta["branch_tap"], policy=meta["policy"], score=meta["score"],
-                   backoff=meta["backoff"], train_parent=False,
-                   parent_labels=meta["parent_labels"], progress=False)
-        tree.layout = TreeLayout(Hierarchy.from_dict(meta["hierarchy"]), meta["classes"])
-        tree.hierarchy = tree.layout.hierarchy
-        tree.sources = [int(s) for s in meta["sources"]]
+        layout = TreeLayout(Hierarchy.from_dict(meta["hierarchy"]), meta["classes"])
+        tree = cls(parent, meta["tap"], hierarchy=layout.hierarchy, router=meta["router"],
+                   node_input=meta["node_input"], branch_tap=meta["branch_tap"],
+                   policy=meta["policy"], confidence=meta["score"], backoff=meta["backoff"],
+                   train_parent=False, parent_labels=meta["parent_labels"])
+        tree.classes_, tree.layout_, tree.hierarchy_ = list(layout.classes), layout, layout.hierarchy
+        tree.sources_ = [int(s) for s in meta["sources"]]
+        tree.heads_ = {}
         for key, hs in meta["heads"].items():
-            node = tree.layout.nodes[int(key)]
+            node = layout.nodes[int(key)]
             if heads and node in heads:
                 module = heads[node]
             elif hs["spec"] and hs["spec"].get("kind") == "constant":
@@ -546,12 +653,13 @@ class BranchTree:
             else:
                 raise TreeError(f"the head of {node!r} is a custom module: pass heads={{...}}")
             _load_prefixed(module, weights, f"heads.{key}.", f"head {node!r}")
-            tree.heads[int(key)] = Tapped(module.eval().requires_grad_(False), hs["tap"])
+            tree.heads_[int(key)] = Tapped(module.eval().requires_grad_(False), hs["tap"])
         tree.parent.eval().requires_grad_(False)
-        tree.preprocessing = meta["preprocessing"]
-        tree.input_shape = tuple(meta["input_shape"]) or None
-        tree.calibration = _from_jsonable(meta["calibration"])
-        tree.fit_summary = meta["fit_summary"]
+        tree.preprocessing_ = meta["preprocessing"]
+        tree.input_shape_ = tuple(meta["input_shape"]) or None
+        tree.calibration_ = _from_jsonable(meta["calibration"])
+        tree.fit_summary_ = meta["fit_summary"]
+        tree.fitted_rows_ = None  # not saved: a loaded tree cannot check calibration data
         tree._build_router()
         return tree
 
@@ -563,20 +671,19 @@ class BranchTree:
         the same tensors :meth:`predict` builds its :class:`Prediction` from.
         """
         self._require_fit()
-        assert self.router is not None
         if example is None:
-            if not self.input_shape:
+            if not self.input_shape_:
                 raise TreeError("pass example=... (a batch of inputs) to trace the tree")
-            example = torch.zeros(2, *self.input_shape)
+            example = torch.zeros(2, *self.input_shape_)
         with torch.no_grad():
-            traced = torch.jit.trace(self.router, (example,), check_trace=False)
+            traced = torch.jit.trace(self.router_, (example,), check_trace=False)
         if path is not None:
             torch.jit.save(traced, str(path))
         return traced
 
     def __repr__(self) -> str:
-        state = "fitted" if self.layout else "not fitted"
-        return (f"BranchTree(tap={self.tap!r}, router={self.router_kind!r}, "
+        state = "fitted" if hasattr(self, "router_") else "not fitted"
+        return (f"BranchTree(tap={self.tap!r}, router={self.router!r}, "
                 f"policy={self.policy!r}, {state})")
 
 
