@@ -180,7 +180,7 @@ def cmd_tree_predict(args: argparse.Namespace) -> int:
     from branchnet.tree.experiment import load_run_tree
 
     tree = load_run_tree(Run.open(args.run))
-    x, names = read_inputs(Path(args.input), tree.preprocessing)
+    x, names = read_inputs(Path(args.input), tree.preprocessing_)
     pred = tree.predict(x)
     records = pred.to_records(k=args.top)
     if args.json:

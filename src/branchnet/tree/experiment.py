@@ -195,7 +195,7 @@ class TreeExperiment(Experiment):
 
         return BranchTree(
             self.parent, cfg["parent"]["tap"], router=t["router"], node_input=t["node_input"],
-            branch_tap=t["branch_tap"], head=head, policy=t["policy"], score=t["score"],
+            branch_tap=t["branch_tap"], head=head, policy=t["policy"], confidence=t["score"],
             backoff=t["backoff"], train_parent=not cfg["parent"]["weights"],
             parent_train=self.train_config(cfg["parent"]["train"]),
             parent_labels=cfg["parent"]["labels"],
