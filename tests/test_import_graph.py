@@ -106,7 +106,7 @@ def _cycles() -> list[list[str]]:
     """Every elementary circle of the graph, as a chain that ends where it starts."""
     try:
         import networkx as nx
-    except ImportError:  # pragma: no cover - networkx is in the dev environment
+    except ImportError:  # networkx is optional: not a dependency of branchnet
         return _dfs_cycles()
     g = nx.DiGraph([(a, b) for a, targets in GRAPH.items() for b in targets])
     return sorted([*c, c[0]] for c in nx.simple_cycles(g))
@@ -172,3 +172,12 @@ def test_analysis_does_not_import_virtual(module):
     bad = [f"line {line}: {t}" for t, uses in GRAPH[module].items()
            if t == "branchnet.virtual" or t.startswith("branchnet.virtual.") for line, _ in uses]
     assert not bad, f"{module} imports branchnet.virtual: {bad}"
+
+
+
+def test_top_level_imports_every_subpackage():
+    """``import branchnet as bn`` gives ``bn.analysis``, ``bn.virtual``, ``bn.plastic``, ..."""
+    subpackages = {m for m, p in MODULES.items() if m.count(".") == 1 and p.name == "__init__.py"}
+    assert {"branchnet.virtual", "branchnet.plastic"} <= subpackages
+    missing = sorted(subpackages - set(GRAPH["branchnet"]))
+    assert not missing, f"branchnet/__init__.py does not import {missing}"
