@@ -21,8 +21,9 @@ from PIL import Image
 from branchnet.data import DataError, apply_preprocessing, load, read_image_files
 from branchnet.data import images as images_mod
 from branchnet.data.cifar import RestrictedUnpickler, load_pickle
+from branchnet.data.dataset import stratified_split
 from branchnet.data.imagefolder import parse_layout, read_image_folder
-from branchnet.data.prepare import fit_normalization, stratified_split
+from branchnet.data.prepare import fit_normalization
 
 SHARED_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 

@@ -5,7 +5,7 @@
 ['animals', 'vehicles']
 """
 
-from branchnet import analysis, data, engine, metrics, models, selective
+from branchnet import analysis, data, engine, metrics, models, plastic, selective, virtual
 from branchnet._version import __version__ as __version__
 from branchnet.cache import ActivationCache, CachedActivations
 from branchnet.data.hierarchy import Hierarchy
@@ -29,6 +29,8 @@ __all__ = [
     "layer_names",
     "metrics",
     "models",
+    "plastic",
     "selective",
     "tap",
+    "virtual",
 ]

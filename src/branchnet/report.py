@@ -19,6 +19,8 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
+from branchnet.fileio import atomic_write_text
+
 _STYLE = """
 body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:2em auto;max-width:1100px;
 color:#222;padding:0 1em}
@@ -99,11 +101,7 @@ class Report:
                 f"<h1>{html.escape(self.title)}</h1>\n{body}\n</body></html>")
 
     def write(self, path: str | Path) -> Path:
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(self.render(), encoding="utf-8")
-        tmp.replace(path)
-        return path
+        return atomic_write_text(path, self.render())
 
 
 def plot_training_curves(histories: dict[str, Path]) -> Figure:

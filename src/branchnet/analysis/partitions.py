@@ -306,12 +306,12 @@ class VirtualLayout:
         return (["shared"] * self.shared + ["unique"] * (self.units - self.shared)) * self.branches
 
 
-def _virtual_classes() -> tuple[tuple[type, ...], tuple[type, ...], type]:
-    """(VLinear/VConv2d, VBatchNorm1d/2d, VInput), imported lazily (branchnet.virtual imports
-    branchnet.analysis)."""
-    from branchnet.virtual import layers as vl
-
-    return (vl.VLinear, vl.VConv2d), (vl.VBatchNorm1d, vl.VBatchNorm2d), vl.VInput
+def _branch_layout(module: nn.Module) -> tuple[int, int, int] | None:
+    """``(K, C, shared)`` that a virtual layer (VLinear, VConv2d, VBatchNorm*, VInput) states as
+    its ``branch_layout``; ``None`` for any other module. Read duck-typed, so the analysis does
+    not depend on :mod:`branchnet.virtual`."""
+    layout = getattr(module, "branch_layout", None)
+    return None if layout is None else tuple(int(v) for v in layout)
 
 
 def virtual_branches(model: nn.Module) -> int | None:
@@ -321,8 +321,7 @@ def virtual_branches(model: nn.Module) -> int | None:
     >>> virtual_branches(vmlp([4, 3], 2, branches=3)), virtual_branches(nn.Linear(2, 2))
     (3, None)
     """
-    blocks, norms, vinput = _virtual_classes()
-    found = {int(m.branches) for m in model.modules() if isinstance(m, (*blocks, *norms, vinput))}
+    found = {layout[0] for m in model.modules() if (layout := _branch_layout(m)) is not None}
     if len(found) > 1:
         raise AnalysisError(f"the model mixes virtual layers with different branch counts {sorted(found)}")
     return found.pop() if found else None
@@ -358,9 +357,9 @@ def ensemble_logits(out: Any, branches: int | None) -> Any:
 
 def _static_shared(module: nn.Module) -> int | None:
     """Shared units of a module's output, when the module says (every V layer and block does)."""
-    _, _, vinput = _virtual_classes()
-    if isinstance(module, vinput):
-        return int(module.input_shape[0])  # the raw input is the same in every branch
+    layout = _branch_layout(module)
+    if layout is not None:
+        return layout[2]
     s = getattr(module, "shared_out", None)
     return int(s) if isinstance(s, int) and not isinstance(s, bool) else None
 
@@ -374,8 +373,8 @@ def _probe_layout(model: nn.Module, module: nn.Module, layer: str, k: int) -> Vi
     outputs the same units (or, flattened, the same features)."""
     from branchnet.taps import _frozen, _model_device
 
-    _, _, vinput = _virtual_classes()
-    entry = next((m for m in model.modules() if isinstance(m, vinput)), None)
+    entry = next((m for m in model.modules()
+                  if _branch_layout(m) is not None and hasattr(m, "input_shape")), None)
     if entry is None:
         raise AnalysisError(
             f"cannot work out the units of layer {layer!r} ({type(module).__name__}): the model has "
@@ -445,14 +444,9 @@ def virtual_layout(model: nn.Module, layer: str) -> VirtualLayout | None:
     k = virtual_branches(model)
     if k is None:
         return None
-    blocks, norms, vinput = _virtual_classes()
-    if isinstance(module, blocks):
-        return VirtualLayout(int(module.branches), int(module.out_units), int(module.shared_out))
-    if isinstance(module, norms):
-        return VirtualLayout(int(module.branches), int(module.num_features), int(module.shared))
-    if isinstance(module, vinput):
-        c = int(module.input_shape[0])
-        return VirtualLayout(int(module.branches), c, c)
+    layout = _branch_layout(module)
+    if layout is not None:
+        return VirtualLayout(*layout)
     return _probe_layout(model, module, layer, k)
 
 

@@ -25,7 +25,6 @@ Example:
 
 from __future__ import annotations
 
-import json
 import math
 import warnings
 from collections.abc import Sequence
@@ -66,6 +65,7 @@ from branchnet.analysis.units import (
     svd_factors,
 )
 from branchnet.data.dataset import Data, Split
+from branchnet.fileio import jsonable, read_json, write_json
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -81,23 +81,6 @@ _TEST_LABELS = {
 
 
 # --------------------------------------------------------------------------- result
-
-
-def _jsonable(v: Any) -> Any:
-    """Plain Python types only; NaN / inf become None."""
-    if isinstance(v, PermutationResult):
-        return _jsonable(v.to_dict())
-    if isinstance(v, dict):
-        return {str(k): _jsonable(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
-    if isinstance(v, np.ndarray):
-        return _jsonable(v.tolist())
-    if isinstance(v, np.generic):
-        v = v.item()
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    return v
 
 
 @dataclass
@@ -137,14 +120,14 @@ class SpecializationResult:
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able dict (plain Python types; NaN becomes None)."""
-        return _jsonable({
+        return jsonable({
             "summary": self.summary,
             "config": self.config,
             "partition": self.partition.to_dict(),
             "classes": self.classes,
             "branches": self.branches,
             "units": self.units,
-            "tests": self.tests,
+            "tests": {name: t.to_dict() for name, t in self.tests.items()},
             "cka": {"branches": self.partition.names, "matrix": self.cka},
             "ablation": self.ablation,
             "enrichment": self.enrichment,
@@ -189,9 +172,7 @@ class SpecializationResult:
         for name, fig in self.figures().items():
             pngs[name] = figure_png(fig)
             (folder / "figures" / f"{name}.png").write_bytes(pngs[name])
-        (folder / "specialization.json").write_text(
-            json.dumps(self.to_dict(), indent=1, allow_nan=False), encoding="utf-8"
-        )
+        write_json(folder / "specialization.json", self.to_dict())
         return _build_report(self, pngs, Report).write(folder / "report.html")
 
 
@@ -527,7 +508,7 @@ def specialization(
         activations=acts, labels=ys, class_means=means, units=units, branches=branches,
         tests=tests, clusters=clusters, mutual_information=mi, cramers_v=v, cka=cka,
         ablation=abl, enrichment=enrichment, colour_table=colour_table,
-        filters=w if first else None, svd=svd, summary=_jsonable(summary), config=config,
+        filters=w if first else None, svd=svd, summary=jsonable(summary), config=config,
     )
 
 
@@ -804,7 +785,7 @@ def compare_reports(folders: Sequence[str | Path]) -> str:
         path = Path(folder) / "specialization.json"
         if not path.is_file():
             raise AnalysisError(f"{path} does not exist; run `branchnet analyze specialization` first")
-        d = json.loads(path.read_text())
+        d = read_json(path, AnalysisError)
         s = d["summary"]
         colour = [b.get("mean_colourfulness") for b in d["branches"]]
         freq = [b.get("mean_frequency") for b in d["branches"]]

@@ -18,8 +18,6 @@ Example:
 
 from __future__ import annotations
 
-import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +30,7 @@ from torch import nn
 
 from branchnet.analysis.partitions import AnalysisError, Partition
 from branchnet.data.dataset import Split
+from branchnet.fileio import jsonable, write_json
 from branchnet.report import Report
 
 
@@ -64,18 +63,8 @@ class TreeSpecialization:
     partition: Partition | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        def clean(v: Any) -> Any:
-            if isinstance(v, dict):
-                return {k: clean(x) for k, x in v.items()}
-            if isinstance(v, (list, tuple)):
-                return [clean(x) for x in v]
-            if isinstance(v, (np.floating, float)):
-                return None if math.isnan(float(v)) else float(v)
-            if isinstance(v, np.integer):
-                return int(v)
-            return v
-        return clean({"heads": self.heads, "pairs": self.pairs, "ablation": self.ablation,
-                      "units_per_head": self.partition.sizes if self.partition else None})
+        return jsonable({"heads": self.heads, "pairs": self.pairs, "ablation": self.ablation,
+                         "units_per_head": self.partition.sizes if self.partition else None})
 
     def summary_text(self) -> str:
         lines = []
@@ -121,7 +110,7 @@ class TreeSpecialization:
     def write_report(self, folder: str | Path) -> Path:
         folder = Path(folder)
         (folder / "figures").mkdir(parents=True, exist_ok=True)
-        (folder / "specialization.json").write_text(json.dumps(self.to_dict(), indent=1))
+        write_json(folder / "specialization.json", self.to_dict())
         rep = Report("branchnet: do sibling branches read different parent units?")
         rep.add_text("Importance of a parent unit to a head = L2 norm of its column in the head's "
                      "first Linear layer. Overlap p-value: chance of an overlap this small or "

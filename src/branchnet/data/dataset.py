@@ -1,4 +1,5 @@
-"""In-memory datasets: a `Split` is (x, y); a `Data` bundles train/val/test with class names.
+"""In-memory datasets: a `Split` is (x, y); a `Data` bundles train/val/test with class names;
+:func:`stratified_split` is the seeded, stratified split of labelled rows.
 
 Every loader in :mod:`branchnet.data` returns a :class:`Data`. Inputs are float32 tensors,
 already normalised with statistics of the training split only; labels are int64 indices into
@@ -15,10 +16,14 @@ Example:
 from __future__ import annotations
 
 import hashlib
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import numpy as np
 import torch
+from sklearn.model_selection import train_test_split
 
 from branchnet.errors import BranchnetError
 
@@ -35,6 +40,39 @@ def tensor_fingerprint(*tensors: torch.Tensor) -> str:
         h.update(f"{tuple(t.shape)}|{t.dtype}|".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
+
+
+def stratified_split(
+    y: np.ndarray | torch.Tensor | Sequence[int], fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Split indices ``0..len(y)-1`` into ``(idx_keep, idx_split)``, seeded and stratified.
+
+    ``idx_split`` holds ``ceil(fraction * len(y))`` indices with (as far as possible) the class
+    proportions of ``y``. Falls back to an unstratified (still seeded) split when some class has
+    too few examples to stratify. Both index arrays are sorted.
+
+    >>> keep, split = stratified_split([0, 0, 0, 0, 1, 1, 1, 1], 0.5, seed=0)
+    >>> len(keep), len(split), sorted(int(v) for v in np.asarray([0] * 4 + [1] * 4)[split])
+    (4, 4, [0, 0, 1, 1])
+    """
+    y = np.asarray(y)
+    n = len(y)
+    if not (isinstance(fraction, (int, float)) and 0 <= fraction < 1):
+        raise DataError(f"split fraction must be a number in [0, 1), got {fraction!r}")
+    idx = np.arange(n, dtype=np.int64)
+    if fraction == 0 or n == 0:
+        return idx, idx[:0]
+    n_split = math.ceil(fraction * n)
+    if n_split >= n:
+        raise DataError(
+            f"cannot split off {fraction} of {n} examples: nothing would remain; "
+            "use a smaller fraction or more data"
+        )
+    try:
+        keep, split = train_test_split(idx, test_size=fraction, random_state=seed, stratify=y)
+    except ValueError:  # a class with < 2 members, or fewer split slots than classes
+        keep, split = train_test_split(idx, test_size=fraction, random_state=seed)
+    return np.sort(keep), np.sort(split)
 
 
 @dataclass
@@ -80,8 +118,6 @@ class Split:
         >>> len(a), sorted(b.y.tolist())
         (4, [0, 0, 1, 1])
         """
-        from branchnet.data.prepare import stratified_split
-
         if not 0 < fraction < 1:
             raise DataError(f"fraction must be in (0, 1), got {fraction}")
         keep, held = stratified_split(self.y.numpy(), fraction, seed)

@@ -30,22 +30,20 @@ Example:
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import tarfile
-import tempfile
 import warnings
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from branchnet.data import images
 from branchnet.data.dataset import DataError
 from branchnet.data.prepare import RawData
+from branchnet.fileio import atomic_write, read_json, write_json
 
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".tar.bz2", ".tbz2", ".tar.xz", ".txz", ".zip")
 SPLIT_NAMES = {"train": "train", "test": "test", "val": "val", "valid": "val", "validation": "val"}
@@ -203,18 +201,6 @@ def _array_hash(a: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(a).data).hexdigest()
 
 
-def _atomic_write(path: Path, write: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _cache_paths(cache_dir: Path, stem: str, key: str) -> tuple[Path, Path]:
     safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", stem)[:60] or "images"
     base = f"imagefolder-{safe}-{key}"
@@ -232,7 +218,7 @@ def _load_cache(data_path: Path, meta_path: Path) -> tuple[dict[str, np.ndarray]
     if not meta_path.exists():
         return None
     try:
-        meta = json.loads(meta_path.read_text())
+        meta = read_json(meta_path)
         arrays_meta = meta["arrays"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise _damaged(meta_path, meta_path, f"unreadable metadata: {e}") from e
@@ -269,8 +255,8 @@ def _save_cache(data_path: Path, meta_path: Path, arrays: dict[str, np.ndarray],
                 for k, a in arrays.items()
             },
         }
-        _atomic_write(data_path, lambda tmp: save_file(arrays, tmp))
-        _atomic_write(meta_path, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=1)))
+        atomic_write(data_path, lambda tmp: save_file(arrays, tmp))
+        write_json(meta_path, meta)
     except OSError as e:
         warnings.warn(f"could not write image cache {data_path}: {e}", stacklevel=3)
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from branchnet.data.cifar import find_cifar_dir, read_cifar
-from branchnet.data.dataset import Data, DataError, Split
+from branchnet.data.dataset import Data, DataError, Split, stratified_split
 from branchnet.data.digits import read_digits
 from branchnet.data.imagefolder import is_archive, read_image_folder
 from branchnet.data.images import ImageSize, parse_size
@@ -25,7 +25,6 @@ from branchnet.data.prepare import (
     RawData,
     fit_normalization,
     normalize_,
-    stratified_split,
     to_float,
 )
 

@@ -41,7 +41,6 @@ Example:
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 import shutil
 from collections.abc import Sequence
@@ -66,6 +65,7 @@ from branchnet.data.imagefolder import (
     default_cache_dir,
     is_archive,
 )
+from branchnet.fileio import write_json
 
 __all__ = [
     "OmniglotSet",
@@ -457,6 +457,6 @@ def make_oneshot_runs(
             "characters": {f"class{class_pos[j] + 1:0{iwidth}d}": s.characters[c]
                            for j, c in enumerate(chars)},
         })
-    (out / "runs.json").write_text(json.dumps(
-        {"ways": ways, "seed": seed, "skipped_alphabets": skipped, "runs": manifest}, indent=1))
+    write_json(out / "runs.json",
+               {"ways": ways, "seed": seed, "skipped_alphabets": skipped, "runs": manifest})
     return manifest

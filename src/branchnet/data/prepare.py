@@ -1,4 +1,4 @@
-"""Seeded stratified splits, normalisation statistics, and preparing raw inputs like training data.
+"""Normalisation statistics, and preparing raw inputs like training data.
 
 Statistics are always fitted on the training split only and recorded in a JSON-able dict
 (``Data.preprocessing``), so that :func:`apply_preprocessing` can prepare new raw inputs
@@ -14,15 +14,12 @@ Example:
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from sklearn.model_selection import train_test_split
 
 from branchnet.data.dataset import DataError
 
@@ -47,39 +44,6 @@ class RawData:
     scale: float = 1.0
     default_normalize: str = "feature"
     info: dict[str, Any] = field(default_factory=dict)
-
-
-def stratified_split(
-    y: np.ndarray | torch.Tensor | Sequence[int], fraction: float, seed: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Split indices ``0..len(y)-1`` into ``(idx_keep, idx_split)``, seeded and stratified.
-
-    ``idx_split`` holds ``ceil(fraction * len(y))`` indices with (as far as possible) the class
-    proportions of ``y``. Falls back to an unstratified (still seeded) split when some class has
-    too few examples to stratify. Both index arrays are sorted.
-
-    >>> keep, split = stratified_split([0, 0, 0, 0, 1, 1, 1, 1], 0.5, seed=0)
-    >>> len(keep), len(split), sorted(int(v) for v in np.asarray([0] * 4 + [1] * 4)[split])
-    (4, 4, [0, 0, 1, 1])
-    """
-    y = np.asarray(y)
-    n = len(y)
-    if not (isinstance(fraction, (int, float)) and 0 <= fraction < 1):
-        raise DataError(f"split fraction must be a number in [0, 1), got {fraction!r}")
-    idx = np.arange(n, dtype=np.int64)
-    if fraction == 0 or n == 0:
-        return idx, idx[:0]
-    n_split = math.ceil(fraction * n)
-    if n_split >= n:
-        raise DataError(
-            f"cannot split off {fraction} of {n} examples: nothing would remain; "
-            "use a smaller fraction or more data"
-        )
-    try:
-        keep, split = train_test_split(idx, test_size=fraction, random_state=seed, stratify=y)
-    except ValueError:  # a class with < 2 members, or fewer split slots than classes
-        keep, split = train_test_split(idx, test_size=fraction, random_state=seed)
-    return np.sort(keep), np.sort(split)
 
 
 def _reduce_axes(x: np.ndarray, mode: str) -> tuple[int, ...]:

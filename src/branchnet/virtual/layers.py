@@ -4,7 +4,10 @@ Layout
     Every virtual activation has shape ``(B, K, C, H, W)`` (images) or ``(B, K, F)`` (vectors):
     dim 1 is the branch. Within a branch the channels (features) are ordered
     ``[shared part, unique part]``; each layer records the split as ints (``shared_in`` /
-    ``shared_out`` or ``shared``), so models can track it.
+    ``shared_out`` or ``shared``), so models can track it. Each of :class:`VLinear`,
+    :class:`VConv2d`, :class:`VBatchNorm1d` / ``2d`` and :class:`VInput` states its output as
+    ``branch_layout = (K, C, shared)``: :mod:`branchnet.analysis` reads that attribute (and
+    ``VInput.input_shape``) without importing this module.
 
 Blocks (vbranch, REFERENCE 2.1)
     A linear or convolutional layer is a 2 x 2 block matrix per branch ``i``::
@@ -222,6 +225,11 @@ class _VBlocks(_SharedGradMixin, nn.Module):
         shared = self._shared(self._get("bias_shared")).expand(self.branches, -1)
         return torch.cat([shared, self._get("bias_unique")], dim=1)
 
+    @property
+    def branch_layout(self) -> tuple[int, int, int]:
+        """``(K, C, shared)`` of the output: K branches of C units, the first ``shared`` shared."""
+        return self.branches, self.out_units, self.shared_out
+
     def _broadcast(self, x: torch.Tensor) -> bool:
         """True when every branch reads the same data (K = 1 or stride 0 on the branch dim)."""
         return self.branches == 1 or x.stride(1) == 0
@@ -398,6 +406,11 @@ class _VBatchNorm(_SharedGradMixin, nn.Module):
                          gamma.reshape(-1), beta.reshape(-1), self.training, self.momentum, self.eps)
         return y.unflatten(1, (self.branches, self.num_features))
 
+    @property
+    def branch_layout(self) -> tuple[int, int, int]:
+        """``(K, C, shared)`` of the output: K branches of C units, the first ``shared`` shared."""
+        return self.branches, self.num_features, self.shared
+
     def extra_repr(self) -> str:
         return (f"{self.num_features}, branches={self.branches}, shared={self.shared}, eps={self.eps}, "
                 f"momentum={self.momentum}, shared_grad={self.shared_grad!r}")
@@ -526,6 +539,12 @@ class VInput(nn.Module):
                             for d in shape):
             raise ValueError(f"input_shape must be positive ints, got {input_shape!r}")
         self.input_shape = tuple(int(d) for d in shape)
+
+    @property
+    def branch_layout(self) -> tuple[int, int, int]:
+        """``(K, C, C)``: the raw input's C channels are the same (shared) in every branch."""
+        c = self.input_shape[0]
+        return self.branches, c, c
 
     def _accepted(self) -> str:
         s = ", ".join(str(d) for d in self.input_shape)
