@@ -27,14 +27,6 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src"
 PACKAGE = SRC / "branchnet"
 
-# Circles among modules that are being rewritten elsewhere right now. They are being removed:
-# whoever breaks one deletes its entry (test_known_cycles_still_exist insists). Each entry is the
-# set of modules on one circle; any other circle fails test_no_import_cycles.
-KNOWN_CYCLES_TO_REMOVE: list[frozenset[str]] = [
-    frozenset({"branchnet.virtual.experiment", "branchnet.virtual.embedding_experiment"}),
-]
-
-
 def _module_name(path: Path) -> str:
     parts = list(path.relative_to(SRC).with_suffix("").parts)
     if parts[-1] == "__init__":
@@ -145,17 +137,8 @@ def test_every_module_is_parsed_and_imports_resolve():
 
 
 def test_no_import_cycles():
-    known = set(KNOWN_CYCLES_TO_REMOVE)
     cycles = _cycles()
-    new = [c for c in cycles if frozenset(c) not in known]
-    assert not new, "import cycles:\n" + "\n".join(_chain(c) for c in new)
-
-
-def test_known_cycles_still_exist():
-    """An entry of KNOWN_CYCLES_TO_REMOVE whose circle is gone is deleted, not kept."""
-    present = {frozenset(c) for c in _cycles()}
-    gone = [sorted(c) for c in KNOWN_CYCLES_TO_REMOVE if c not in present]
-    assert not gone, f"no longer circles, delete from KNOWN_CYCLES_TO_REMOVE: {gone}"
+    assert not cycles, "import cycles:\n" + "\n".join(_chain(c) for c in cycles)
 
 
 def test_from_branchnet_import_names_only_submodules():
