@@ -110,15 +110,15 @@ def open_run(run_dir: str, kind: str | None = None) -> tuple[Any, Any]:
     from branchnet.runs import Run
 
     run = Run.open(run_dir)
-    found = protocol.read_manifest(run).get("kind") or kind
-    if found is None:  # a run folder written before manifests: tell by its contents
-        meta = run.path / "model" / "model.json"
-        found = ("tree" if (run.path / "tree").is_dir() else
-                 "vbranch" if meta.is_file() and "task" in json.loads(meta.read_text()) else "model")
+    user = read_yaml(run.path / "config.yaml")
+    # a run folder written before manifests: tell the kind by its config's sections
+    found = protocol.read_manifest(run).get("kind") or kind or next(
+        (k for key, k in (("parent", "tree"), ("merge", "vbranch"), ("sparsity", "plastic"))
+         if key in user), "model")
     if kind is not None and found != kind:
         raise ConfigError(f"{run.path} is a {found} run, not a {kind} run; use branchnet {found} ...")
     exp_cls = kinds.get(found)
-    cfg = exp_cls.validate(read_yaml(run.path / "config.yaml"))
+    cfg = exp_cls.validate(user)
     cfg["progress"] = False
     return run, exp_cls(cfg, quiet=True)
 

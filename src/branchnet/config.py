@@ -47,8 +47,16 @@ def apply_overrides(cfg: dict[str, Any], overrides: list[str] | None) -> dict[st
         try:
             node[last] = yaml.safe_load(value)
         except yaml.YAMLError as e:
-            raise ConfigError(f"override {item!r}: the value is not valid YAML ({e})") from None
+            raise ConfigError(f"override {item!r}: the value is not valid YAML "
+                              f"({_yaml_error(e)})") from None
     return cfg
+
+
+def _yaml_error(e: yaml.YAMLError) -> str:
+    """A YAML error in one line: what is wrong, and where."""
+    mark = getattr(e, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{getattr(e, 'problem', None) or e}{where}"
 
 
 def read_yaml(path: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
@@ -59,7 +67,7 @@ def read_yaml(path: str | Path, overrides: list[str] | None = None) -> dict[str,
     try:
         user = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        raise ConfigError(f"config file {path} is not valid YAML: {_yaml_error(e)}") from None
     if not isinstance(user, dict):
         raise ConfigError(f"config file {path} must hold a mapping of keys, got {type(user).__name__}")
     return apply_overrides(user, overrides)

@@ -24,7 +24,7 @@ from branchnet import zoo
 from branchnet.data.omniglot import load_omniglot, make_oneshot_runs, split_by_alphabet
 from branchnet.engine import fit as fit_model
 from branchnet.errors import ConfigError
-from branchnet.protocol import fit_record
+from branchnet.protocol import fit_record, read_manifest
 from branchnet.runs import Run
 from branchnet.saved_model import load_model, save_model
 from branchnet.virtual.embedding import (
@@ -54,6 +54,10 @@ def oneshot_of_model(model: Any, runs: list[Any]) -> dict[str, Any]:
 
 def oneshot_of_run(run_dir: str | Path, runs_dir: str | Path) -> dict[str, Any]:
     """20-way one-shot accuracy of a finished embedding run on the runs in ``runs_dir``."""
+    kind = read_manifest(Run.open(run_dir)).get("kind", "vbranch")
+    if kind != "vbranch":
+        raise ConfigError(f"{run_dir} is a {kind} run; one-shot evaluation needs a vbranch run "
+                          "of a config with task: embed")
     model, meta = load_model(run_dir, command="vbranch")
     if meta.get("task") != "embed":
         raise ConfigError(f"{run_dir} is not an embedding run (task {meta.get('task')!r}); one-shot "
