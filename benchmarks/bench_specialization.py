@@ -31,13 +31,13 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
     args = ap.parse_args()
     if args.run:
-        from branchnet.classifier import load_classifier_config, load_model
-        from branchnet.config import load_data
+        from branchnet.classifier import ClassifierExperiment
+        from branchnet.config import read_yaml
+        from branchnet.saved_model import load_model
 
         model, _ = load_model(args.run)
-        cfg = load_classifier_config(args.run / "config.yaml")
-        cfg["progress"] = False
-        test, what = load_data(cfg).test, f"trained run {args.run.name}"
+        cfg = ClassifierExperiment.validate({**read_yaml(args.run / "config.yaml"), "progress": False})
+        test, what = ClassifierExperiment(cfg).load_data().test, f"trained run {args.run.name}"
     elif args.data.exists():
         from branchnet.data import load
 

@@ -286,7 +286,7 @@ def cmd_vbranch_sweep(args: argparse.Namespace) -> int:
     from branchnet import kinds, protocol
     from branchnet.config import read_yaml
     from branchnet.runs import Run
-    from branchnet.virtual.compare import compare_vruns, sweep_grid
+    from branchnet.virtual.compare import compare_runs, sweep_grid
 
     exp = kinds.get("vbranch")
     base = exp.validate(read_yaml(args.config, args.set), Path(args.config).resolve().parent)
@@ -308,7 +308,7 @@ def cmd_vbranch_sweep(args: argparse.Namespace) -> int:
             protocol.run(exp, cfg, run_folder=Run(path), resume=(path / "config.yaml").is_file(),
                          quiet=True)
         done.append(path)
-    print(compare_vruns(done))
+    print(compare_runs(done))
     return 0
 
 

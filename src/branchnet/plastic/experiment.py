@@ -194,7 +194,7 @@ class PlasticExperiment(Experiment):
 
     @classmethod
     def compare(cls, runs: list[Run]) -> str:
-        return compare_plastic([r.path for r in runs])
+        return compare_runs([r.path for r in runs])
 
 
 def _sparsity_callback(cfg: dict[str, Any], example: torch.Tensor) -> Any:
@@ -267,7 +267,7 @@ def summary_row(result: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-def compare_plastic(run_dirs: list[Any]) -> str:
+def compare_runs(run_dirs: list[Any]) -> str:
     """Mean ± std per (task, rule or mode, density) over finished runs, as a table."""
     rows = [summary_row(run.read_metrics()) for run in finished_runs(run_dirs)]
     keys = ("rule", "density") if rows and "rule" in rows[0] else ("mode",)

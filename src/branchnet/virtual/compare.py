@@ -23,7 +23,7 @@ from branchnet.metrics import format_table, mean_std_rows
 from branchnet.runs import finished_runs
 from branchnet.virtual.merge import branch_probs, merge_probs
 
-__all__ = ["compare_vruns", "independent_ensembles", "summary_row", "sweep_grid"]
+__all__ = ["compare_runs", "independent_ensembles", "summary_row", "sweep_grid"]
 
 _KEYS = ("branches", "shared_frac", "bagging")
 
@@ -77,7 +77,7 @@ def independent_ensembles(singles: list[tuple[dict[str, Any], Path]], sizes: lis
     return rows
 
 
-def compare_vruns(run_dirs: list[str | Path]) -> str:
+def compare_runs(run_dirs: list[str | Path]) -> str:
     """A markdown table of mean ± std per (branches, shared_frac, bagging), with independent
     ensembles made of the single-branch runs."""
     rows, singles = [], []

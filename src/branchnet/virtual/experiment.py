@@ -42,7 +42,7 @@ from branchnet.saved_model import load_model, model_outputs, save_model
 from branchnet.schema import DataSection, PositiveInt, Section, Seed, TrainSection, with_defaults
 from branchnet.virtual import embedding_experiment as embed_task
 from branchnet.virtual.bagging import BAG_MODES, BaggedPairs, BranchBags
-from branchnet.virtual.compare import compare_vruns, summary_row
+from branchnet.virtual.compare import compare_runs, summary_row
 from branchnet.virtual.merge import (
     MERGES,
     branch_probs,
@@ -252,7 +252,7 @@ class VBranchExperiment(Experiment):
 
     @classmethod
     def compare(cls, runs: list[Run]) -> str:
-        return compare_vruns([r.path for r in runs])
+        return compare_runs([r.path for r in runs])
 
 
 def plot_branches(rep: dict[str, Any]) -> Figure:
