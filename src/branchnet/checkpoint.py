@@ -92,7 +92,11 @@ def save_checkpoint(obj: Any, path: str | Path) -> None:
     tensors: dict[str, torch.Tensor] = {}
     structure = _encode(obj, tensors, "")
     metadata = {_STRUCT_KEY: json.dumps(structure)}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    try:
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    except Exception as e:  # OSError, or safetensors' own error wrapping one (a full disk)
+        raise CheckpointError(f"cannot write checkpoint {path}: {e} (the previous checkpoint, "
+                              "if any, is unchanged)") from e
 
 
 def load_checkpoint(path: str | Path) -> Any:

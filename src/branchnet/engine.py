@@ -276,7 +276,10 @@ def write_history(history: list[dict[str, float]], path: Path) -> None:
             writer.writeheader()
             writer.writerows(history)
 
-    atomic_write(path, write)
+    try:
+        atomic_write(path, write)
+    except OSError as e:
+        raise CheckpointError(f"cannot write {path}: {e}") from e
 
 
 def fit(
@@ -388,7 +391,10 @@ def fit(
         # the best checkpoint relative to workdir, so that a run folder can be moved
         saved = {**result.to_dict(), "best_checkpoint": os.path.relpath(best_path, workdir)
                  if best_path else None}
-        write_json(result_path, saved)
+        try:
+            write_json(result_path, saved)
+        except OSError as e:
+            raise CheckpointError(f"cannot write {result_path}: {e}") from e
     return result
 
 
