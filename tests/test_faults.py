@@ -94,18 +94,26 @@ def run_folder(stdout: str) -> Path:
     return Path(re.search(r"^run folder: (\S+)", stdout, re.M).group(1))  # type: ignore[union-attr]
 
 
-def wait_for(found: Callable[[], Any], proc: subprocess.Popen[str], what: str) -> Any:
-    """Poll (every millisecond) until ``found()`` is truthy; fails if ``proc`` ends first."""
+def kill_when(victims: dict[str, tuple[subprocess.Popen[str], Callable[[], Any]]]) -> dict[str, Any]:
+    """Poll every victim's ``found()`` at once (every millisecond) and SIGKILL each process as
+    soon as its own is truthy; returns those values. Fails if a process ends first."""
+    hits: dict[str, Any] = {}
     deadline = time.monotonic() + 240
-    while time.monotonic() < deadline:
-        hit = found()
-        if hit:
-            return hit
-        if proc.poll() is not None:
-            out, err = proc.communicate()
-            pytest.fail(f"the process ended (exit {proc.returncode}) before {what}\n{out}\n{err}")
+    while len(hits) < len(victims) and time.monotonic() < deadline:
+        for name, (proc, found) in victims.items():
+            if name in hits:
+                continue
+            hit = found()
+            if hit:
+                kill(proc)
+                hits[name] = hit
+            elif proc.poll() is not None:
+                out, err = proc.communicate()
+                pytest.fail(f"{name} ended (exit {proc.returncode}) before it was killed\n"
+                            f"{out}\n{err}")
         time.sleep(0.001)
-    pytest.fail(f"timed out waiting for {what}")
+    assert len(hits) == len(victims), f"timed out; killed only {sorted(hits)}"
+    return hits
 
 
 def kill(proc: subprocess.Popen[str]) -> None:
@@ -187,11 +195,8 @@ def killed_runs(tmp: Path) -> dict[str, Path]:
     for command, cfg in CONFIGS.items():
         path = write_config(tmp / f"{command}.yaml", cfg)
         victims[command] = start([command, "fit", str(path), "--out", str(tmp / f"{command}-kill")])
-    runs = {}
-    for command, proc in victims.items():
-        runs[command] = wait_for(checkpoint_in(tmp / f"{command}-kill", "work/model"), proc,
-                                 "the first epoch checkpoint")
-        kill(proc)
+    runs = kill_when({command: (proc, checkpoint_in(tmp / f"{command}-kill", "work/model"))
+                      for command, proc in victims.items()})
     copy_run(runs["model"], tmp / "model-killed-copy")
     return runs
 
@@ -271,9 +276,6 @@ def tree_setup(tmp: Path) -> dict[str, Any]:
     train = start(["tree", "fit", str(path), "--out", str(tmp / "tree-kill"),
                    "--set", f"tree.cache_dir={tmp / 'cache-kill'}"])
     cache_dir = tmp / "cache-fill"
-    fill_tmp = wait_for(lambda: cache_dir.is_dir() and list(cache_dir.glob(".tmp-*")), fill,
-                        "the cache fill's temporary folder")[0]
-    kill(fill)
 
     def second_node_checkpoint() -> Path | None:
         run = the_run(tmp / "tree-kill")
@@ -281,8 +283,10 @@ def tree_setup(tmp: Path) -> dict[str, Any]:
         hit = len(nodes) > 1 and (nodes[1] / "checkpoints" / "last.safetensors").is_file()
         return run if hit else None
 
-    killed = wait_for(second_node_checkpoint, train, "the second branch's first checkpoint")
-    kill(train)
+    hits = kill_when({
+        "fill": (fill, lambda: cache_dir.is_dir() and list(cache_dir.glob(".tmp-*"))),
+        "train": (train, second_node_checkpoint)})
+    fill_tmp, killed = hits["fill"][0], hits["train"]
     reference = run_folder(cli(["tree", "fit", str(path), "--out", str(tmp / "tree-ref")]))
     return {"config": path, "reference": reference, "cache": tmp / "cache-ref",
             "fill_run": the_run(tmp / "tree-fill"), "fill_tmp": fill_tmp,
