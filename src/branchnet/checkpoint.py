@@ -39,6 +39,10 @@ class CheckpointError(BranchnetError, RuntimeError):
     """A checkpoint file is missing, damaged, or holds something that cannot be stored safely."""
 
 
+class CheckpointWriteError(CheckpointError, OSError):
+    """A checkpoint could not be written (a full disk): still an ``OSError`` for callers."""
+
+
 def _encode(obj: Any, tensors: dict[str, torch.Tensor], where: str) -> Any:
     if isinstance(obj, torch.Tensor):
         key = f"t{len(tensors)}"
@@ -95,7 +99,7 @@ def save_checkpoint(obj: Any, path: str | Path) -> None:
     try:
         atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
     except Exception as e:  # OSError, or safetensors' own error wrapping one (a full disk)
-        raise CheckpointError(f"cannot write checkpoint {path}: {e} (the previous checkpoint, "
+        raise CheckpointWriteError(f"cannot write checkpoint {path}: {e} (the previous checkpoint, "
                               "if any, is unchanged)") from e
 
 
