@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -205,7 +206,8 @@ def test_failed_write_leaves_no_entry(
     monkeypatch.setattr(ActivationCache, "_write_shard", staticmethod(failing))
     with pytest.raises(KeyboardInterrupt):
         get(cache, parent, split)
-    assert list(tmp_path.iterdir()) == [], "the temporary folder is removed"
+    left = [p.name for p in tmp_path.iterdir() if not p.name.startswith(".lock-")]
+    assert left == [], "the temporary folder is removed (only the fill's lock file stays)"
     assert not cache.has(parent, "act", split)
     monkeypatch.undo()
     assert torch.allclose(
@@ -235,7 +237,7 @@ def test_crash_mid_write_leaves_only_ignored_temp_folder(tmp_path: Path) -> None
     )
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120)
     assert proc.returncode == 3, proc.stderr.decode()
-    leftovers = list(tmp_path.iterdir())
+    leftovers = [p for p in tmp_path.iterdir() if not p.name.startswith(".lock-")]
     assert len(leftovers) == 1 and leftovers[0].name.startswith(".tmp-")
     assert len(list(leftovers[0].glob("shard_*"))) == 2
 
@@ -246,7 +248,9 @@ def test_crash_mid_write_leaves_only_ignored_temp_folder(tmp_path: Path) -> None
     assert cache.entries() == [] and not cache.has(net, "1", x)
     acts = cache.get(net, "1", x, progress=False)
     torch.testing.assert_close(acts.as_tensor(), extract(net, "1", x), rtol=1e-3, atol=1e-3)
-    assert cache.clear() == 2 and list(tmp_path.iterdir()) == []
+    # the next fill of the key removed the killed fill's folder (it holds the key's lock)
+    assert not leftovers[0].exists()
+    assert cache.clear() == 1 and list(tmp_path.iterdir()) == []
 
 
 def test_clear_and_remove_only_touch_cache_folders(
@@ -337,12 +341,51 @@ def test_missing_shard_and_missing_meta(stored: CachedActivations, tmp_path: Pat
     assert entry.error is not None and cache.verify()[entry.key] == entry.error
 
 
-def test_corrupt_entry_raises_from_get(
+def _empty_meta(entry: Path) -> Path:
+    (entry / "meta.json").write_text("")
+    return entry / "meta.json"
+
+
+def _truncated_shard(entry: Path) -> Path:
+    shard = entry / "shard_00001.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-10])
+    return shard
+
+
+def _flipped_byte(entry: Path) -> Path:
+    shard = entry / "shard_00000.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-5] ^= 0xFF  # same size, valid header: only the content hash can tell
+    shard.write_bytes(bytes(data))
+    return shard
+
+
+@pytest.mark.parametrize("damage", [_empty_meta, _truncated_shard, _flipped_byte])
+def test_damaged_entry_is_rebuilt_by_get(
+    stored: CachedActivations, tmp_path: Path, parent: Counting, split: Split, damage: Any
+) -> None:
+    good = stored.as_tensor()
+    bad_file = damage(stored.path)
+    calls = parent.calls
+    with pytest.warns(RuntimeWarning, match="computing it again") as record:
+        acts = get(ActivationCache(tmp_path, shard_rows=40), parent, split)
+    assert str(bad_file) in str(record[0].message)
+    assert parent.calls > calls, "recomputed"
+    acts.verify(full=True)
+    assert torch.equal(acts.as_tensor(), good)
+    assert [e.key for e in ActivationCache(tmp_path).entries()] == [stored.key]
+    assert not list(tmp_path.glob(".tmp-*")), "the damaged entry is gone, not left aside"
+
+
+def test_quick_verify_serves_an_entry_with_modified_bytes(
     stored: CachedActivations, tmp_path: Path, parent: Counting, split: Split
 ) -> None:
-    (stored.path / "meta.json").write_text("")
-    with pytest.raises(CacheError, match="Delete the folder"):
-        get(ActivationCache(tmp_path, shard_rows=40), parent, split)
+    _flipped_byte(stored.path)
+    calls = parent.calls
+    get(ActivationCache(tmp_path, shard_rows=40, verify="quick"), parent, split)
+    assert parent.calls == calls  # sizes and headers are fine: served without hashing
+    with pytest.raises(ValueError, match="verify"):
+        ActivationCache(tmp_path, verify="none")
 
 
 def test_modified_bytes_found_by_full_verify(stored: CachedActivations, tmp_path: Path) -> None:

@@ -300,8 +300,9 @@ def test_failed_save_keeps_previous_file(good: Path, monkeypatch: pytest.MonkeyP
         raise OSError("disk full")
 
     monkeypatch.setattr(ckmod, "save_file", boom)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(OSError, match="disk full") as e:
         save_checkpoint({"w": torch.zeros(2), "step": 2}, good)
+    assert isinstance(e.value, ckmod.CheckpointError) and str(good) in str(e.value)
     assert good.read_bytes() == before
     assert sorted(p.name for p in good.parent.iterdir()) == [good.name]  # temp file removed
     monkeypatch.undo()

@@ -16,6 +16,13 @@ and renamed into place with :func:`os.replace`, so an interrupted write leaves n
 Reading memory-maps each shard's tensor region read-only (after checking the header against
 ``meta.json``), so an entry is not loaded into RAM; rows come back as float32 tensors.
 
+Several processes may share one cache: :meth:`ActivationCache.get` fills an entry under an
+advisory lock (``root/.lock-<key>``, :mod:`filelock`), so a second process asking for the same
+entry waits and then reads the first one's instead of computing it again. An existing entry is
+validated before it is served (sizes, safetensors headers and, by default, the content hashes
+recorded in ``meta.json``); a damaged one is removed with a warning naming the bad file and
+computed again.
+
 Example:
     >>> import tempfile, torch
     >>> from torch import nn
@@ -35,11 +42,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import re
 import shutil
+import time
 import uuid
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -48,6 +58,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from filelock import FileLock
 from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
@@ -57,6 +68,7 @@ from branchnet._version import __version__
 from branchnet.data.batches import collate_batch
 from branchnet.data.dataset import Split, tensor_fingerprint
 from branchnet.errors import BranchnetError
+from branchnet.fileio import write_json
 from branchnet.taps import _check_rows, module_fingerprint, tap
 
 __all__ = [
@@ -83,6 +95,9 @@ _BY_NAME = {name: dt for dt, (name, _, _) in _DTYPES.items()}
 _SHARD_NAME = re.compile(r"shard_\d{5,}\.safetensors")
 _KEY_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*-[0-9a-f]{20}")
 _TMP_PREFIX = ".tmp-"
+_LOCK_PREFIX = ".lock-"
+_VERIFY = ("full", "quick")
+log = logging.getLogger(__name__)
 _MAX_HEADER = 100 * 1024 * 1024
 _META_FIELDS = ("format", "format_version", "key", "layer", "dtype", "shape", "rows", "shards")
 
@@ -478,7 +493,10 @@ class ActivationCache:
 
     ``dtype`` is the storage dtype (float16 by default: a 50,000 x 512 entry takes 51 MB;
     float32 is exact; bfloat16 and float64 are also accepted). ``shard_rows`` is the number of
-    rows per shard file. Entries written with other settings are still readable.
+    rows per shard file. Entries written with other settings are still readable. ``verify``
+    is how :meth:`get` checks an existing entry before serving it: ``"full"`` (default) also
+    compares the content hashes (reads the entry once), ``"quick"`` only meta.json, the shard
+    sizes and headers.
 
     >>> import tempfile, torch
     >>> from torch import nn
@@ -496,16 +514,23 @@ class ActivationCache:
     """
 
     def __init__(
-        self, root: str | Path, dtype: torch.dtype = torch.float16, shard_rows: int = 65536
+        self,
+        root: str | Path,
+        dtype: torch.dtype = torch.float16,
+        shard_rows: int = 65536,
+        verify: str = "full",
     ) -> None:
         if dtype not in _DTYPES:
             names = ", ".join(f"torch.{n}" for n, _, _ in _DTYPES.values())
             raise ValueError(f"unsupported cache dtype {dtype}; use one of {names}")
         if not _is_int(shard_rows) or shard_rows < 1:
             raise ValueError(f"shard_rows must be a positive int, got {shard_rows!r}")
+        if verify not in _VERIFY:
+            raise ValueError(f"verify must be one of {list(_VERIFY)}, got {verify!r}")
         self.root = Path(root)
         self.dtype = dtype
         self.shard_rows = shard_rows
+        self.verify_mode = verify
 
     def __repr__(self) -> str:
         return f"ActivationCache('{self.root}', dtype={self.dtype}, shard_rows={self.shard_rows})"
@@ -589,7 +614,9 @@ class ActivationCache:
         """The activations of ``layer`` for ``data``: opened from disk if cached, else computed
         (in eval mode, see :mod:`branchnet.taps`), written atomically and opened.
 
-        Raises :class:`CacheError` if an existing entry is corrupted.
+        The fill runs under a per-key lock: a concurrent ``get`` of the same entry in another
+        process waits, then reads this one's. An existing entry that fails validation (see
+        ``verify``) is removed with a warning naming the damaged file, and computed again.
         """
         t = tap(model, layer, truncate=truncate)  # validates the layer name first
         x, data_fp = _data_of(data)
@@ -597,33 +624,84 @@ class ActivationCache:
         key = self._key(model_fp, layer, data_fp, preprocessing)
         final = self.path(key)
         if final.exists():
-            return CachedActivations(final)
-        meta = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "key": key,
-            "layer": layer,
-            "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
-            "model_fingerprint": model_fp,
-            "data_fingerprint": data_fp,
-            "preprocessing": json.loads(json.dumps(preprocessing, sort_keys=True, default=str)),
-        }
+            acts = self._valid_entry(final)
+            if acts is not None:
+                return acts
         self.root.mkdir(parents=True, exist_ok=True)
-        tmp = self.root / f"{_TMP_PREFIX}{key}-{uuid.uuid4().hex[:12]}"
-        tmp.mkdir()
+        lock = FileLock(str(self.root / f"{_LOCK_PREFIX}{key}"))
         try:
-            self._write(tmp, t, x, meta, batch_size, progress)
+            lock.acquire(timeout=0)
+        except TimeoutError:  # filelock.Timeout derives from TimeoutError
+            log.info("waiting for another process filling activation cache entry %s", final)
+            lock.acquire()
+        try:
+            if final.exists():  # written (or damaged) while this process waited for the lock
+                acts = self._valid_entry(final, remove_damaged=True)
+                if acts is not None:
+                    log.info("activation cache entry %s: read, filled by another process", final)
+                    return acts
+            self._remove_leftovers(key)
+            meta = {
+                "format": FORMAT,
+                "format_version": FORMAT_VERSION,
+                "key": key,
+                "layer": layer,
+                "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
+                "model_fingerprint": model_fp,
+                "data_fingerprint": data_fp,
+                "preprocessing": json.loads(
+                    json.dumps(preprocessing, sort_keys=True, default=str)
+                ),
+            }
+            t0 = time.perf_counter()
+            log.info("computing activation cache entry %s (%d rows)", final, int(x.shape[0]))
+            tmp = self.root / f"{_TMP_PREFIX}{key}-{uuid.uuid4().hex[:12]}"
+            tmp.mkdir()
             try:
-                os.replace(tmp, final)
-            except OSError:
-                if not (final / "meta.json").is_file():
-                    raise
-                shutil.rmtree(tmp, ignore_errors=True)  # another process wrote it first
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        _fsync(self.root)
+                self._write(tmp, t, x, meta, batch_size, progress)
+                try:
+                    os.replace(tmp, final)
+                except OSError:
+                    # a writer that ignored the lock (a filesystem without flock) was first
+                    if not (final / "meta.json").is_file():
+                        raise
+                    shutil.rmtree(tmp, ignore_errors=True)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            _fsync(self.root)
+            log.info("computed activation cache entry %s in %.2fs", final,
+                     time.perf_counter() - t0)
+        finally:
+            lock.release()
         return CachedActivations(final)
+
+    def _valid_entry(self, final: Path, remove_damaged: bool = False) -> CachedActivations | None:
+        """The entry at ``final`` if it passes validation; else None (and, with
+        ``remove_damaged``, the damaged entry is removed with a warning naming the bad file;
+        only call that while holding the entry's lock)."""
+        try:
+            acts = CachedActivations(final)
+            if self.verify_mode == "full":
+                acts.verify(full=True)
+            return acts
+        except CacheError as e:
+            if not remove_damaged:
+                return None
+            warnings.warn(f"{e.args[0].split('. Delete the folder')[0]}: removing the damaged "
+                          f"entry {final} and computing it again", RuntimeWarning, stacklevel=3)
+            # renamed first, so that no reader finds a half-deleted entry under the key
+            trash = self.root / f"{_TMP_PREFIX}{final.name}-damaged-{uuid.uuid4().hex[:12]}"
+            os.replace(final, trash)
+            shutil.rmtree(trash, ignore_errors=True)
+            return None
+
+    def _remove_leftovers(self, key: str) -> None:
+        """Delete the temporary folders of fills of ``key`` that were killed (only called with
+        the key's lock held, so no live fill owns one)."""
+        for p in self.root.glob(f"{_TMP_PREFIX}{key}-*"):
+            log.info("removing %s, left by an interrupted fill", p)
+            shutil.rmtree(p, ignore_errors=True)
 
     def _write(
         self,
@@ -678,8 +756,7 @@ class ActivationCache:
             branchnet_version=__version__,
             torch_version=torch.__version__,
         )
-        file = folder / "meta.json"
-        file.write_text(json.dumps(meta, indent=1), encoding="utf-8")
+        file = write_json(folder / "meta.json", meta)
         _fsync(file)
 
     def _convert(self, h: torch.Tensor, layer: str) -> torch.Tensor:
@@ -753,7 +830,8 @@ class ActivationCache:
         return True
 
     def clear(self) -> int:
-        """Delete every entry and leftover temporary folder; returns how many were removed.
+        """Delete every entry and leftover temporary folder (and the lock files); returns how
+        many entries and temporary folders were removed.
 
         Only folders named like cache entries are touched, so a mistaken ``root`` is safe.
         """
@@ -764,4 +842,6 @@ class ActivationCache:
             if p.is_dir() and (_KEY_NAME.fullmatch(p.name) or p.name.startswith(_TMP_PREFIX)):
                 shutil.rmtree(p, ignore_errors=True)
                 removed += 1
+            elif p.is_file() and p.name.startswith(_LOCK_PREFIX):
+                p.unlink(missing_ok=True)  # safe while held: filelock re-checks the inode
         return removed

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +28,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from branchnet.errors import BranchnetError
+from branchnet.fileio import atomic_write
 
 _STRUCT_KEY = "branchnet.structure"
 # marker keys of the JSON encoding; a dict using one of them is stored as an item list
@@ -37,6 +37,10 @@ _MARKERS = frozenset({"__tensor__", "__tuple__", "__items__", "__float__", "__st
 
 class CheckpointError(BranchnetError, RuntimeError):
     """A checkpoint file is missing, damaged, or holds something that cannot be stored safely."""
+
+
+class CheckpointWriteError(CheckpointError, OSError):
+    """A checkpoint could not be written (a full disk): still an ``OSError`` for callers."""
 
 
 def _encode(obj: Any, tensors: dict[str, torch.Tensor], where: str) -> Any:
@@ -91,14 +95,12 @@ def save_checkpoint(obj: Any, path: str | Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
     structure = _encode(obj, tensors, "")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    metadata = {_STRUCT_KEY: json.dumps(structure)}
     try:
-        save_file(tensors, tmp, metadata={_STRUCT_KEY: json.dumps(structure)})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    except Exception as e:  # OSError, or safetensors' own error wrapping one (a full disk)
+        raise CheckpointWriteError(f"cannot write checkpoint {path}: {e} (the previous checkpoint, "
+                              "if any, is unchanged)") from e
 
 
 def load_checkpoint(path: str | Path) -> Any:

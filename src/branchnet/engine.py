@@ -19,7 +19,6 @@ Example:
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import math
 import os
@@ -37,9 +36,10 @@ from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
 from torch.utils.data import Dataset
 
-from branchnet.checkpoint import SafetensorsCheckpointIO, load_checkpoint
+from branchnet.checkpoint import CheckpointError, SafetensorsCheckpointIO, load_checkpoint
 from branchnet.data.batches import make_loader
 from branchnet.errors import BranchnetError
+from branchnet.fileio import atomic_write, read_json, write_json
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 LR_SCHEDULES = (None, "cosine", "step")
@@ -269,12 +269,17 @@ def _quiet_lightning() -> None:
 def write_history(history: list[dict[str, float]], path: Path) -> None:
     """Write per-epoch metrics as CSV, atomically."""
     columns = sorted({k for row in history for k in row}, key=lambda k: (k != "epoch", k))
-    tmp = path.with_suffix(".csv.tmp")
-    with tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(history)
-    os.replace(tmp, path)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(history)
+
+    try:
+        atomic_write(path, write)
+    except OSError as e:
+        raise CheckpointError(f"cannot write {path}: {e}") from e
 
 
 def fit(
@@ -308,7 +313,7 @@ def fit(
     ckpt_dir = workdir / "checkpoints"
     last = ckpt_dir / "last.safetensors"
     if resume and result_path.is_file():
-        result = FitResult(**json.loads(result_path.read_text()))
+        result = _read_result(result_path)
         if result.best_checkpoint:
             result.best_checkpoint = str(workdir / result.best_checkpoint)
         _restore(model, Path(result.best_checkpoint or last))
@@ -318,6 +323,12 @@ def fit(
             f"{workdir} already holds checkpoints of an earlier run; pass resume=True to continue "
             "it, or use a new run folder (earlier results are never overwritten)"
         )
+
+    if resume and last.exists():
+        _check_resumable(last)
+        # temporary files of writes that a killed process never finished
+        for tmp in [*workdir.glob(".*.tmp"), *ckpt_dir.glob(".*.tmp")]:
+            tmp.unlink(missing_ok=True)
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     module = ClassifierModule(model, cfg, loss_fn, score_fn)
@@ -380,18 +391,39 @@ def fit(
         # the best checkpoint relative to workdir, so that a run folder can be moved
         saved = {**result.to_dict(), "best_checkpoint": os.path.relpath(best_path, workdir)
                  if best_path else None}
-        tmp = result_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(saved, indent=1, default=_json_default))
-        os.replace(tmp, result_path)
+        try:
+            write_json(result_path, saved)
+        except OSError as e:
+            raise CheckpointError(f"cannot write {result_path}: {e}") from e
     return result
+
+
+def _read_result(path: Path) -> FitResult:
+    """``result.json`` of a finished fit; a damaged one is a :class:`CheckpointError`."""
+    hint = ("; delete it and resume again: training continues from "
+            f"{path.parent / 'checkpoints' / 'last.safetensors'}")
+    try:
+        return FitResult(**read_json(path, CheckpointError))
+    except CheckpointError as e:
+        raise CheckpointError(f"{e}{hint}") from e
+    except TypeError as e:
+        raise CheckpointError(f"{path} is damaged (not a branchnet fit result: {e}){hint}") from e
+
+
+def _check_resumable(last: Path) -> None:
+    """Resuming reads ``last``: a damaged one is an error naming it, before training starts
+    (there is no earlier epoch's checkpoint to fall back to: ``best-*`` is not the previous
+    epoch, so resuming from it would not give the uninterrupted run's result)."""
+    try:
+        load_checkpoint(last)
+    except CheckpointError as e:
+        raise CheckpointError(
+            f"cannot resume: checkpoint {last} is damaged ({e.__cause__ or e}); delete the folder "
+            f"{last.parent} to train this stage again from its first epoch"
+        ) from e
 
 
 def _restore(model: nn.Module, path: Path) -> None:
     state = load_checkpoint(path)["state_dict"]
     model.load_state_dict({k.removeprefix("model."): v for k, v in state.items()})
 
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, float) and not math.isfinite(o):
-        return None
-    return str(o)

@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -29,11 +30,23 @@ import yaml
 from matplotlib.figure import Figure
 
 from branchnet.errors import BranchnetError
-from branchnet.fileio import atomic_write_text, jsonable, read_json, write_json
+from branchnet.fileio import atomic_write, atomic_write_text, jsonable, read_json, write_json
 
 
 class RunError(BranchnetError, FileNotFoundError):
-    """A run folder is missing or incomplete."""
+    """A run folder is missing or incomplete, or a file in it cannot be written."""
+
+
+@contextmanager
+def _writing(path: Path) -> Iterator[None]:
+    """An OSError (a full disk) while writing ``path`` becomes a :class:`RunError` naming it."""
+    try:
+        yield
+    except OSError as e:
+        if isinstance(e, BranchnetError):
+            raise
+        raise RunError(f"cannot write {path}: {e.strerror or e} (files written before are "
+                       "unchanged)") from e
 
 
 class Run:
@@ -74,7 +87,8 @@ class Run:
 
     def write_config(self, config: dict[str, Any]) -> Path:
         p = self.path / "config.yaml"
-        atomic_write_text(p, yaml.safe_dump(jsonable(config), sort_keys=False))
+        with _writing(p):
+            atomic_write_text(p, yaml.safe_dump(jsonable(config), sort_keys=False))
         return p
 
     def read_config(self) -> dict[str, Any]:
@@ -82,7 +96,8 @@ class Run:
 
     def write_metrics(self, metrics: dict[str, Any], name: str = "metrics.json") -> Path:
         p = self.path / name
-        write_json(p, metrics)
+        with _writing(p):
+            write_json(p, metrics)
         return p
 
     def read_metrics(self, name: str = "metrics.json") -> dict[str, Any]:
@@ -94,7 +109,9 @@ class Run:
     def save_figure(self, fig: Figure, name: str) -> Path:
         self.figures.mkdir(exist_ok=True)
         p = self.figures / f"{name}.png"
-        fig.savefig(p, dpi=110, bbox_inches="tight")
+        with _writing(p):
+            atomic_write(p, lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight",
+                                                    format="png"))
         return p
 
     def __repr__(self) -> str:
