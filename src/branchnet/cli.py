@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import errno
 import json
 import sys
 import time
@@ -34,6 +35,8 @@ import numpy as np
 
 from branchnet.errors import BranchnetError, ConfigError
 from branchnet.kinds import KINDS
+
+_DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES)
 
 DEMO_CONFIG: dict[str, Any] = {
     "name": "demo-digits",
@@ -404,7 +407,10 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message="no threshold reaches selective risk")
     try:
         return int(args.func(args) or 0)
-    except BranchnetError as e:
+    except (BranchnetError, OSError) as e:
+        # a full disk or a read-only folder is the machine's state, not a bug: one line too
+        if isinstance(e, OSError) and not isinstance(e, BranchnetError) and e.errno not in _DISK_ERRORS:
+            raise
         if args.debug:
             traceback.print_exc()
         print(f"branchnet: error: {e}", file=sys.stderr)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import inspect
-import json
 import math
 import re
 import tempfile
@@ -42,6 +41,7 @@ from branchnet.data.hierarchy import Hierarchy
 from branchnet.data.imagefolder import default_cache_dir
 from branchnet.engine import TrainConfig, fit
 from branchnet.errors import BranchnetError
+from branchnet.fileio import read_json, write_json
 from branchnet.selective import coverage_threshold, sgr_threshold
 from branchnet.taps import layer_names
 from branchnet.tree.layout import TreeLayout
@@ -609,9 +609,7 @@ class BranchTree:
             "calibration": _jsonable(self.calibration_), "fit_summary": _jsonable(self.fit_summary_),
         }
         save_weights(weights, path / "weights.safetensors")
-        tmp = path / "tree.json.tmp"
-        tmp.write_text(json.dumps(meta, indent=1))
-        tmp.replace(path / "tree.json")
+        write_json(path / "tree.json", meta)
         return path
 
     @classmethod
@@ -622,11 +620,8 @@ class BranchTree:
         meta_path = path / "tree.json"
         if not meta_path.is_file():
             raise CheckpointError(f"{path} is not a saved BranchTree (no tree.json)")
-        try:
-            meta = json.loads(meta_path.read_text())
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{meta_path} is damaged: {e}") from e
-        if meta.get("format") != "branchnet.tree":
+        meta = read_json(meta_path, CheckpointError)
+        if not isinstance(meta, dict) or meta.get("format") != "branchnet.tree":
             raise CheckpointError(f"{meta_path} is not a branchnet tree description")
         weights, _ = load_weights(path / "weights.safetensors")
         if parent is None:
