@@ -88,6 +88,7 @@ FIT_CASES: list[tuple[str, list[str], str]] = [
     ("plastic", ["sparsity.density=0"], "sparsity.density must be a number in (0, 1], got 0"),
     ("plastic", ["sparsity.rule=magic"], "sparsity.rule must be one of"),
     ("plastic", ["sparsity.t_end=1.5"], "sparsity.t_end must be a number in (0, 1] or a whole number"),
+    ("plastic", ["sparsity.t_end=100000"], "sparsity.t_end must be at most the"),
     ("plastic", ["sparsity.distribution=lognormal"], "sparsity.distribution must be one of"),
     ("plastic", ["paths.mode=dynamic"], "paths.mode must be one of"),
     ("plastic", ["task=paths", "paths.widths=[4, 0]"], "paths.widths[1] must be a positive whole"),

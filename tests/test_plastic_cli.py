@@ -230,7 +230,7 @@ def test_path_baselines_run_and_never_swap(tmp_path: Path, mode: str) -> None:
     ({"sparsity": {"rule": "magic"}}, "'magic'"),
     ({"sparsity": {"distribution": "lognormal"}}, "'lognormal'"),
     ({"sparsity": {"delta_t": 0}}, "delta_t"),
-    ({"sparsity": {"t_end": 100000}}, "t_end=100000 steps is beyond"),
+    ({"sparsity": {"t_end": 100000}}, "sparsity.t_end must be at most the"),
     ({"task": "x"}, "task must be one of"),
     ({"model": {"kind": "transformer"}}, "transformer"),
     ({"sparsity": {"speed": 3}}, "sparsity.speed"),

@@ -287,12 +287,11 @@ def cmd_vbranch_oneshot(args: argparse.Namespace) -> int:
 
 def cmd_vbranch_sweep(args: argparse.Namespace) -> int:
     from branchnet import kinds, protocol
-    from branchnet.config import read_yaml
     from branchnet.runs import Run
     from branchnet.virtual.compare import compare_runs, sweep_grid
 
     exp = kinds.get("vbranch")
-    base = exp.validate(read_yaml(args.config, args.set), Path(args.config).resolve().parent)
+    base = protocol.read_config(exp, args.config, args.set)
     root = Path(args.out) / base["name"]
     grid = sweep_grid(args.branches, args.shared, args.bagging, args.seeds)
     configs = []

@@ -18,6 +18,16 @@ A run kind (``tree``, ``model``, ``vbranch``, ``plastic``, ...) is one subclass 
 write ``config.yaml`` and the manifest ``run.json`` (with the run's ``kind``), fit (or return the
 metrics of a finished run on ``--resume``), write ``metrics.json``, the figures (the training
 curves for every kind) and ``report.html``.
+
+Example:
+    >>> import tempfile
+    >>> from branchnet import kinds
+    >>> cfg = {"name": "doc", "data": {"source": "digits", "max_per_class": 20},
+    ...        "model": {"kind": "mlp", "sizes": ["auto", 8]}, "train": {"epochs": 1},
+    ...        "progress": False}
+    >>> folder, metrics = run(kinds.get("model"), cfg, out=tempfile.mkdtemp(), quiet=True)
+    >>> read_manifest(folder)["kind"], 0.0 <= metrics["accuracy"] <= 1.0
+    ('model', True)
 """
 
 from __future__ import annotations
@@ -54,9 +64,8 @@ class Experiment:
     #: what the run folder holds, for the closing message
     contents: ClassVar[str] = "report.html, metrics.json, figures/, model/"
 
-    def __init__(self, cfg: dict[str, Any], *, config_dir: Path | None = None, quiet: bool = False):
+    def __init__(self, cfg: dict[str, Any], *, quiet: bool = False):
         self.cfg = cfg
-        self.config_dir = config_dir
         self.say: Callable[..., None] = (lambda *a: None) if quiet else (
             lambda *a: print(*a, flush=True))
         self.data: Data | None = None
@@ -69,10 +78,6 @@ class Experiment:
         cfg = resolve_paths(validate(cls.schema, user), config_dir)
         cls.check(cfg)
         return cfg
-
-    @classmethod
-    def defaults(cls) -> dict[str, Any]:
-        return cls.schema().model_dump(mode="python")
 
     @classmethod
     def check(cls, cfg: dict[str, Any]) -> None:
@@ -179,7 +184,7 @@ def run(experiment: type[Experiment], cfg: dict[str, Any], *, out: str | Path = 
     cfg = experiment.validate(cfg, config_dir)
     if resume and run_folder is not None and (run_folder.path / "metrics.json").is_file():
         return run_folder, run_folder.read_metrics()  # finished: nothing to do again
-    exp = experiment(cfg, config_dir=config_dir, quiet=quiet)
+    exp = experiment(cfg, quiet=quiet)
     t0 = time.perf_counter()
     exp.setup()
     if run_folder is None:

@@ -20,6 +20,7 @@ inference and training FLOPs, time spent updating masks; path-length statistics 
 from __future__ import annotations
 
 import json
+import math
 import time
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -32,6 +33,7 @@ from branchnet import metrics, zoo
 from branchnet.data.batches import TensorPairs
 from branchnet.engine import fit
 from branchnet.errors import ConfigError
+from branchnet.fileio import atomic_write
 from branchnet.plastic.callback import DynamicSparsity
 from branchnet.plastic.masks import DISTRIBUTIONS
 from branchnet.plastic.path_stats import plot_path_lengths
@@ -131,7 +133,12 @@ class PlasticExperiment(Experiment):
                 spec.setdefault("branches", 1)
             self.model = zoo.build(spec, num_classes=data.num_classes, input_shape=data.input_shape,
                                    seed=cfg["seed"], aliases=PLASTIC_MODELS)
-            if cfg["sparsity"]["rule"] != "dense":
+            s, t = cfg["sparsity"], cfg["train"]
+            steps = t["epochs"] * math.ceil(len(data.train) / t["batch_size"])
+            if s["rule"] in ("set", "rigl", "snfs") and isinstance(s["t_end"], int) and s["t_end"] > steps:
+                raise ConfigError(f"sparsity.t_end must be at most the {steps} optimizer steps of "
+                                  f"training, got {s['t_end']} (or give a fraction in (0, 1])")
+            if s["rule"] != "dense":
                 self.callbacks.append(_sparsity_callback(cfg, data.train.x[:1]))
             self.what = f"{cfg['sparsity']['rule']} at density {cfg['sparsity']['density']}"
         else:
@@ -168,8 +175,8 @@ class PlasticExperiment(Experiment):
                 if res.best_checkpoint:  # fit restored the best epoch's weights: and its masks
                     cb.masks = cb.load_masks(res.best_checkpoint)
                 result["sparsity"] = _sparsity_summary(cb, train_seconds)
-                save_file({n: m.to(torch.uint8) for n, m in cb.masks.items()},
-                          str(model_dir / "masks.safetensors"))
+                masks = {n: m.to(torch.uint8) for n, m in cb.masks.items()}
+                atomic_write(model_dir / "masks.safetensors", lambda tmp: save_file(masks, tmp))
         else:
             result.update(mode=cfg["paths"]["mode"], paths=_paths_summary(model, callbacks[0]))
             if callbacks[0].epochs:

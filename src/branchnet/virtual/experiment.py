@@ -35,6 +35,7 @@ from branchnet.config import check_file
 from branchnet.data.batches import TensorPairs
 from branchnet.engine import fit
 from branchnet.errors import BranchnetError, ConfigError
+from branchnet.fileio import atomic_write
 from branchnet.protocol import Experiment, fit_record
 from branchnet.report import Report
 from branchnet.runs import Run
@@ -201,8 +202,8 @@ class VBranchExperiment(Experiment):
             "fit": fit_record(res),
             "data": {"summary": data.summary(), "classes": data.classes},
         }
-        save_file({"outputs": out.contiguous(), "y": data.test.y.contiguous()},
-                  str(run.path / "predictions.safetensors"))
+        tensors = {"outputs": out.contiguous(), "y": data.test.y.contiguous()}
+        atomic_write(run.path / "predictions.safetensors", lambda tmp: save_file(tensors, tmp))
         save_model(model, run.path / "model", {
             "classes": data.classes, "preprocessing": data.preprocessing,
             "input_shape": list(data.input_shape), "name": cfg["name"], "seed": cfg["seed"],
