@@ -113,14 +113,15 @@ class DataSection(Section):
 
 
 # ---------------------------------------------------------------------------- messages
+_BOUNDS = {"gt": at.Gt, "ge": at.Ge, "lt": at.Lt, "le": at.Le, "min_length": at.MinLen,
+           "max_length": at.MaxLen}
+
+
 def _constraints(info: FieldInfo | None, annotation: Any) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for m in [*(info.metadata if info else []), *_annotated_metadata(annotation)]:
-        for name in ("gt", "ge", "lt", "le", "min_length", "max_length"):
-            if isinstance(m, getattr(at, {"gt": "Gt", "ge": "Ge", "lt": "Lt", "le": "Le",
-                                          "min_length": "MinLen", "max_length": "MaxLen"}[name])):
-                out[name] = getattr(m, name)
-    return out
+    """The bounds (``gt``, ``le``, ``min_length``, ...) declared on a field."""
+    meta = [*(info.metadata if info else []), *_annotated_metadata(annotation)]
+    return {name: getattr(m, name) for m in meta for name, cls in _BOUNDS.items()
+            if isinstance(m, cls)}
 
 
 def _annotated_metadata(annotation: Any) -> list[Any]:
@@ -195,19 +196,12 @@ def describe(annotation: Any, info: FieldInfo | None = None) -> str:
 
 
 def _plural(text: str) -> str:
-    for a in ("a ", "an "):
-        if text.startswith(a):
-            text = text[len(a):]
-            break
-    else:
-        return f"items: {text}"
-    if text.startswith("whole number"):
-        return "whole numbers" + text[len("whole number"):]
-    if text.startswith("positive whole number"):
-        return "positive whole numbers"
-    if text.startswith("number") or text.startswith("positive number"):
-        return text.replace("number", "numbers", 1)
-    return text + "s" if text in ("string", "mapping") else text
+    """``a positive whole number`` -> ``positive whole numbers`` (for list items)."""
+    text = text.removeprefix("a ")
+    for noun in ("number", "string", "mapping"):
+        if noun in text:
+            return text.replace(noun, noun + "s", 1)
+    return text
 
 
 def _model_in(annotation: Any) -> type[BaseModel] | None:
