@@ -27,7 +27,7 @@ from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from branchnet.errors import BranchnetError
+from branchnet.errors import BranchnetError, WriteError
 from branchnet.fileio import atomic_write
 
 _STRUCT_KEY = "branchnet.structure"
@@ -39,7 +39,7 @@ class CheckpointError(BranchnetError, RuntimeError):
     """A checkpoint file is missing, damaged, or holds something that cannot be stored safely."""
 
 
-class CheckpointWriteError(CheckpointError, OSError):
+class CheckpointWriteError(CheckpointError, WriteError):
     """A checkpoint could not be written (a full disk): still an ``OSError`` for callers."""
 
 
@@ -98,7 +98,9 @@ def save_checkpoint(obj: Any, path: str | Path) -> None:
     metadata = {_STRUCT_KEY: json.dumps(structure)}
     try:
         atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
-    except Exception as e:  # OSError, or safetensors' own error wrapping one (a full disk)
+    except WriteError as e:
+        raise CheckpointWriteError(e.errno, str(e), str(path)) from e
+    except Exception as e:  # safetensors' own error wrapping an OSError (a full disk)
         raise CheckpointWriteError(f"cannot write checkpoint {path}: {e} (the previous checkpoint, "
                               "if any, is unchanged)") from e
 

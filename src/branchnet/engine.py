@@ -276,10 +276,7 @@ def write_history(history: list[dict[str, float]], path: Path) -> None:
             writer.writeheader()
             writer.writerows(history)
 
-    try:
-        atomic_write(path, write)
-    except OSError as e:
-        raise CheckpointError(f"cannot write {path}: {e}") from e
+    atomic_write(path, write)
 
 
 def fit(
@@ -391,10 +388,7 @@ def fit(
         # the best checkpoint relative to workdir, so that a run folder can be moved
         saved = {**result.to_dict(), "best_checkpoint": os.path.relpath(best_path, workdir)
                  if best_path else None}
-        try:
-            write_json(result_path, saved)
-        except OSError as e:
-            raise CheckpointError(f"cannot write {result_path}: {e}") from e
+        write_json(result_path, saved)
     return result
 
 

@@ -14,7 +14,7 @@ Example:
 
 from __future__ import annotations
 
-__all__ = ["BranchnetError", "ConfigError", "DamagedFileError"]
+__all__ = ["BranchnetError", "ConfigError", "DamagedFileError", "WriteError"]
 
 
 class BranchnetError(Exception):
@@ -27,3 +27,11 @@ class ConfigError(BranchnetError, ValueError):
 
 class DamagedFileError(BranchnetError, ValueError):
     """A file branchnet wrote (JSON, safetensors) cannot be read back."""
+
+
+class WriteError(BranchnetError, OSError):
+    """A file could not be written (a full disk, a read-only folder); the message names it.
+    An ``OSError`` still, with the ``errno`` of the failure."""
+
+    def __str__(self) -> str:
+        return str(self.strerror) if self.strerror else super().__str__()

@@ -24,23 +24,30 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from branchnet.errors import DamagedFileError
+from branchnet.errors import DamagedFileError, WriteError
 
 __all__ = ["atomic_write", "atomic_write_text", "jsonable", "read_json", "write_json"]
 
 
 def atomic_write(path: str | Path, write: Callable[[str], Any]) -> Path:
     """Call ``write(tmp_path)`` to fill a temporary file beside ``path``, then rename it to
-    ``path`` (atomic on one filesystem). The temporary file never outlives a failure."""
+    ``path`` (atomic on one filesystem). The temporary file never outlives a failure; an
+    ``OSError`` (a full disk) becomes a :class:`~branchnet.errors.WriteError` naming ``path``."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
         write(tmp)
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
+    except OSError as e:
+        if isinstance(e, WriteError):
+            raise
+        raise WriteError(e.errno, f"cannot write {path}: {e.strerror or e} (the previous file, "
+                         "if any, is unchanged)", str(path)) from e
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
     return path
 

@@ -21,8 +21,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -34,19 +33,7 @@ from branchnet.fileio import atomic_write, atomic_write_text, jsonable, read_jso
 
 
 class RunError(BranchnetError, FileNotFoundError):
-    """A run folder is missing or incomplete, or a file in it cannot be written."""
-
-
-@contextmanager
-def _writing(path: Path) -> Iterator[None]:
-    """An OSError (a full disk) while writing ``path`` becomes a :class:`RunError` naming it."""
-    try:
-        yield
-    except OSError as e:
-        if isinstance(e, BranchnetError):
-            raise
-        raise RunError(f"cannot write {path}: {e.strerror or e} (files written before are "
-                       "unchanged)") from e
+    """A run folder is missing or incomplete."""
 
 
 class Run:
@@ -87,8 +74,7 @@ class Run:
 
     def write_config(self, config: dict[str, Any]) -> Path:
         p = self.path / "config.yaml"
-        with _writing(p):
-            atomic_write_text(p, yaml.safe_dump(jsonable(config), sort_keys=False))
+        atomic_write_text(p, yaml.safe_dump(jsonable(config), sort_keys=False))
         return p
 
     def read_config(self) -> dict[str, Any]:
@@ -96,8 +82,7 @@ class Run:
 
     def write_metrics(self, metrics: dict[str, Any], name: str = "metrics.json") -> Path:
         p = self.path / name
-        with _writing(p):
-            write_json(p, metrics)
+        write_json(p, metrics)
         return p
 
     def read_metrics(self, name: str = "metrics.json") -> dict[str, Any]:
@@ -109,9 +94,7 @@ class Run:
     def save_figure(self, fig: Figure, name: str) -> Path:
         self.figures.mkdir(exist_ok=True)
         p = self.figures / f"{name}.png"
-        with _writing(p):
-            atomic_write(p, lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight",
-                                                    format="png"))
+        atomic_write(p, lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png"))
         return p
 
     def __repr__(self) -> str:
