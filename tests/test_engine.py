@@ -536,3 +536,10 @@ def test_score_fn_replaces_accuracy(tmp_path):
               workdir=tmp_path, score_fn=lambda out, y: (torch.tensor(3.0), 4))
     assert res.history[0]["train_acc"] == pytest.approx(0.75)
     assert res.history[0]["val_acc"] == pytest.approx(0.75)
+
+
+def test_train_config_defaults_are_the_schema_defaults() -> None:
+    """The engine's TrainConfig and the config schema's TrainSection declare one set of fields."""
+    from branchnet.schema import TrainSection, validate
+
+    assert TrainConfig().to_dict() == validate(TrainSection, {})

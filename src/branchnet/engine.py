@@ -38,11 +38,10 @@ from torch.utils.data import Dataset
 
 from branchnet.checkpoint import CheckpointError, SafetensorsCheckpointIO, load_checkpoint
 from branchnet.data.batches import make_loader
-from branchnet.errors import BranchnetError
+from branchnet.errors import BranchnetError, ConfigError
 from branchnet.fileio import atomic_write, read_json, write_json
+from branchnet.schema import TrainSection, validate
 
-OPTIMIZERS = ("adam", "adamw", "sgd")
-LR_SCHEDULES = (None, "cosine", "step")
 _FUSED = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 4) or None
 
 
@@ -71,21 +70,11 @@ class TrainConfig:
     lr_gamma: float = 0.1
 
     def __post_init__(self) -> None:
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise TrainingError(
-                f"unknown lr_schedule {self.lr_schedule!r}; choose one of {list(LR_SCHEDULES)}"
-            )
-        if self.optimizer not in OPTIMIZERS:
-            raise TrainingError(
-                f"unknown optimizer {self.optimizer!r}; choose one of {list(OPTIMIZERS)}"
-            )
-        for name in ("epochs", "batch_size", "devices"):
-            if int(getattr(self, name)) < 1:
-                raise TrainingError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise TrainingError(f"lr must be > 0, got {self.lr}")
-        if self.patience is not None and self.patience < 1:
-            raise TrainingError(f"patience must be >= 1 or null, got {self.patience}")
+        # ranges and choices are declared once, in the config schema's TrainSection
+        try:
+            validate(TrainSection, asdict(self))
+        except ConfigError as e:
+            raise TrainingError(str(e)) from None
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> TrainConfig:

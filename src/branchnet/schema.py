@@ -112,6 +112,11 @@ class DataSection(Section):
     split_seed: Seed | None = None
 
 
+#: the data section of kinds whose runs of different seeds must share one test split (so that
+#: single-branch runs form independent ensembles, and sparsity rules compare on the same data)
+SharedSplitData = with_defaults(DataSection, split_seed=0)
+
+
 # ---------------------------------------------------------------------------- messages
 _BOUNDS = {"gt": at.Gt, "ge": at.Ge, "lt": at.Lt, "le": at.Le, "min_length": at.MinLen,
            "max_length": at.MaxLen}

@@ -44,7 +44,7 @@ from branchnet.protocol import Experiment, fit_record
 from branchnet.report import Report
 from branchnet.runs import Run, finished_runs
 from branchnet.saved_model import model_outputs, save_model
-from branchnet.schema import DataSection, PositiveInt, Section, Seed, TrainSection, with_defaults
+from branchnet.schema import PositiveInt, Section, Seed, SharedSplitData, TrainSection
 from branchnet.virtual.merge import ensemble_score, merge_probs, per_branch_loss
 
 __all__ = ["PlasticConfig", "PlasticExperiment", "summary_row"]
@@ -56,9 +56,6 @@ PLASTIC_MODELS = {"mlp": "mlp", "cnn": "cnn", "alexnet": "alexnet", "vmlp": "vml
                   "densenet": "vdensenet_bc"}
 #: ``t_end``: a fraction of training in (0, 1], or a step count
 TEnd = Annotated[float, Field(gt=0, le=1, allow_inf_nan=False, strict=True)] | Annotated[int, Field(ge=0)]
-
-
-SharedSplitData = with_defaults(DataSection, split_seed=0)
 
 
 class SparsitySection(Section):

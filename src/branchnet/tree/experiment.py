@@ -219,7 +219,8 @@ class TreeExperiment(Experiment):
         if cfg["baselines"]:
             self.say("baselines  raw-input MLPs of each branch's size, flat parent on the same "
                      "classes")
-            result["baselines"] = run_baselines(cfg, tree, data, self.select, run)
+            result["baselines"] = run_baselines(cfg, tree, data, self.select, run,
+                                                self.train_config(cfg["tree"]["head_train"]))
         tree.save(run.path / "tree")
         return result
 
@@ -290,15 +291,13 @@ def load_run_tree(run: Run) -> BranchTree:
     return BranchTree.load(run.path / "tree")
 
 
-def run_baselines(cfg: dict[str, Any], tree: BranchTree, data: Data, select: Split,
-                  run: Run) -> dict[str, Any]:
+def run_baselines(cfg: dict[str, Any], tree: BranchTree, data: Data, select: Split, run: Run,
+                  train_cfg: TrainConfig) -> dict[str, Any]:
     """Per branch: an MLP of the branch's size on raw inputs, and the flat parent on the same
     classes (its probabilities summed per child group), both on the branch's test inputs."""
     lay = tree.layout_
     out: dict[str, Any] = {}
     head_cfg, seed = cfg["tree"]["head"], cfg["seed"]
-    train_cfg = TrainConfig.from_dict({**cfg["tree"]["head_train"], "seed": seed,
-                                       "progress": cfg["progress"]})
     with torch.inference_mode():
         parent_probs = torch.softmax(tree.parent(data.test.x), dim=1)
     if cfg["parent"]["labels"] == "fine":

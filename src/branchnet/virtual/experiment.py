@@ -40,7 +40,7 @@ from branchnet.protocol import Experiment, fit_record
 from branchnet.report import Report
 from branchnet.runs import Run
 from branchnet.saved_model import load_model, model_outputs, save_model
-from branchnet.schema import DataSection, PositiveInt, Section, Seed, TrainSection, with_defaults
+from branchnet.schema import PositiveInt, Section, Seed, SharedSplitData, TrainSection
 from branchnet.virtual import embedding_experiment as embed_task
 from branchnet.virtual.bagging import BAG_MODES, BaggedPairs, BranchBags
 from branchnet.virtual.compare import compare_runs, summary_row
@@ -63,11 +63,6 @@ VBRANCH_MODELS = {"mlp": "vmlp", "cnn": "vcnn", "resnet": "vresnet", "resnet18":
 
 class VBranchError(BranchnetError, ValueError):
     """A virtual-branch run folder is invalid."""
-
-
-#: one split for every seed, so that single-branch runs of different seeds form independent
-#: ensembles on the same test set
-SharedSplitData = with_defaults(DataSection, split_seed=0)
 
 
 class BaggingSection(Section):
