@@ -18,6 +18,7 @@ Example:
 
 from __future__ import annotations
 
+import json
 import types
 import typing
 from typing import Annotated, Any, Literal
@@ -184,7 +185,9 @@ def describe(annotation: Any, info: FieldInfo | None = None) -> str:
         n = ""
         if c.get("min_length") is not None and c.get("min_length") == c.get("max_length"):
             n = f"{c['min_length']} "
-        return f"a list of {n}" + _plural(describe(item))
+        members = [a for a in typing.get_args(item) if a is not type(None)] if typing.get_origin(
+            item) in (typing.Union, types.UnionType) else [item]
+        return f"a list of {n}" + " or ".join(_plural(describe(m)) for m in members)
     if origin is dict or base is dict:
         return "a mapping"
     if isinstance(base, type) and issubclass(base, BaseModel):
@@ -264,6 +267,27 @@ def _message(err: dict[str, Any], model: type[BaseModel], where: str) -> str:
         return f"{path}: {msg}" if path else msg
     allowed = describe(annotation, info) if annotation is not None else err["msg"]
     return f"{path} must be {allowed}, got {value!r}"
+
+
+def reference(schema: type[BaseModel], where: str = "") -> list[dict[str, str]]:
+    """Every key of a config schema with what it allows and its default, sections expanded:
+    the rows of ``docs/config.md``.
+
+    >>> reference(TrainSection)[0]
+    {'key': 'epochs', 'allowed': 'a positive whole number', 'default': '20'}
+    """
+    rows = []
+    for name, info in schema.model_fields.items():
+        key = f"{where}.{name}" if where else name
+        sub = _model_in(info.annotation)
+        if sub is not None and typing.get_origin(info.annotation) is None:
+            rows += reference(sub, key)
+            continue
+        default = info.get_default(call_default_factory=True)
+        annotation = Annotated[(info.annotation, *info.metadata)] if info.metadata else info.annotation
+        rows.append({"key": key, "allowed": describe(annotation),
+                     "default": json.dumps(default)})
+    return rows
 
 
 def validate(schema: type[Section], cfg: Any, where: str = "") -> dict[str, Any]:
