@@ -85,15 +85,20 @@ def _absolute(value: Any, config_dir: Path | None) -> Any:
 
 
 def resolve_paths(cfg: dict[str, Any], config_dir: Path | None) -> dict[str, Any]:
-    """The config with its file paths (data source, hierarchy file, parent weights, Omniglot
-    archives and one-shot runs) made absolute."""
+    """The config with its file paths (data source and test file, hierarchy file, parent
+    weights and pretrained model, Omniglot archives and one-shot runs) made absolute."""
     cfg = copy.deepcopy(cfg)
     if "data" in cfg:
         cfg["data"]["source"] = _absolute(cfg["data"]["source"], config_dir)
     if isinstance(cfg.get("hierarchy"), str):
         cfg["hierarchy"] = _absolute(cfg["hierarchy"], config_dir)
+    if "data" in cfg and cfg["data"].get("test_source"):
+        cfg["data"]["test_source"] = _absolute(cfg["data"]["test_source"], config_dir)
     if "parent" in cfg:
         cfg["parent"]["weights"] = _absolute(cfg["parent"]["weights"], config_dir)
+        model = cfg["parent"].get("model")
+        if isinstance(model, dict) and isinstance(model.get("source"), str):
+            model["source"] = _absolute(model["source"], config_dir)
     if "embedding" in cfg:
         cfg["embedding"]["train"] = [_absolute(p, config_dir) for p in cfg["embedding"]["train"]]
         cfg["embedding"]["runs"] = _absolute(cfg["embedding"]["runs"], config_dir)

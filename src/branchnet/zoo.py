@@ -33,6 +33,7 @@ from torch import nn
 
 from branchnet import models
 from branchnet.errors import ConfigError
+from branchnet.text.parent import TextParent
 from branchnet.virtual import models as vmodels
 
 __all__ = ["MODELS", "ModelKind", "build", "check_spec", "num_parameters", "rebuild", "spec_of"]
@@ -48,6 +49,7 @@ class ModelKind:
     builder: Callable[..., nn.Module]
     defaults: Mapping[str, Any] = field(default_factory=dict)
     images: bool = False        #: needs image inputs [C, H, W]
+    text: bool = False          #: needs text inputs
     virtual: bool = False       #: outputs (B, K, C): K virtual branches
     first_layer: str | None = None  #: the default layer to analyse (virtual models)
 
@@ -66,6 +68,7 @@ MODELS: dict[str, ModelKind] = {
     "vresnet": ModelKind(vmodels.vresnet, images=True, virtual=True, first_layer="stem.conv"),
     "vresnet18": ModelKind(vmodels.vresnet18, images=True, virtual=True, first_layer="stem.conv"),
     "vdensenet_bc": ModelKind(vmodels.vdensenet_bc, images=True, virtual=True, first_layer="conv0"),
+    "transformer": ModelKind(TextParent.from_config, text=True),
 }
 
 
@@ -99,6 +102,9 @@ def build(spec: Any, *, num_classes: int, input_shape: tuple[int, ...] | list[in
     if entry.images and len(shape) != 3:
         raise ConfigError(f"{where}.kind {spec['kind']!r} needs images [C, H, W], but the data's "
                           f"inputs have shape {shape}")
+    if entry.text != (shape == ()):
+        need, got = ("text", f"inputs of shape {shape}") if entry.text else ("tensor inputs", "text")
+        raise ConfigError(f"{where}.kind {spec['kind']!r} needs {need}, but the data is {got}")
     params = inspect.signature(entry.builder).parameters
     args = {**entry.defaults, **options, "num_classes": int(num_classes)}
     if "input_shape" in params:
@@ -134,6 +140,8 @@ def rebuild(spec: dict[str, Any]) -> nn.Module:
     kind = spec.get("kind") if isinstance(spec, dict) else None
     if kind in ("mlp", "cnn", "alexnet"):
         return models.build(spec)
+    if kind == "transformer":
+        return TextParent.from_spec(spec)
     return vmodels.build_vmodel(spec)
 
 
