@@ -3,7 +3,9 @@
 A selective classifier predicts ``f(x)`` when its confidence ``κ(x) >= θ`` and abstains
 otherwise. *Coverage* is the fraction accepted; *selective risk* is the error rate among the
 accepted. Everywhere in this module a **higher score means more confident**, and a point is
-accepted iff ``score >= threshold``.
+accepted iff ``score >= threshold``. A learned score plugs in unchanged:
+:mod:`branchnet.selfcheck` trains a head on a tapped layer to predict whether the parent is
+right (ConfidNet); choose its threshold on rows independent of that head's training rows.
 
 Three ways to choose ``θ``:
 
