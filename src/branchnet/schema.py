@@ -102,6 +102,10 @@ class DataSection(Section):
     """The ``data`` section every experiment shares (arguments of :func:`branchnet.data.load`)."""
 
     source: str = "digits"
+    test_source: str | None = None
+    text_column: str = "text"
+    label_column: str = "label"
+    group_column: str | None = None
     classes: list[str | int] | None = None
     normalize: Literal["channel", "feature", "none"] | None = None
     val_fraction: Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)] = 0.1

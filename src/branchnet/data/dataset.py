@@ -2,8 +2,8 @@
 :func:`stratified_split` is the seeded, stratified split of labelled rows.
 
 Every loader in :mod:`branchnet.data` returns a :class:`Data`. Inputs are float32 tensors,
-already normalised with statistics of the training split only; labels are int64 indices into
-``Data.classes``.
+already normalised with statistics of the training split only, or, for text data, a
+:class:`~branchnet.data.texts.Texts`; labels are int64 indices into ``Data.classes``.
 
 Example:
     >>> import torch
@@ -11,6 +11,9 @@ Example:
     >>> s = Split(torch.zeros(4, 2), torch.tensor([0, 1, 0, 1]))
     >>> len(s), s.subset(torch.tensor([1, 3])).y.tolist()
     (4, [1, 1])
+    >>> t = Split(["a cat", "a dog"], [0, 1])
+    >>> t.is_text, t.subset(torch.tensor([1])).x.tolist()
+    (True, ['a dog'])
 """
 
 from __future__ import annotations
@@ -25,11 +28,8 @@ import numpy as np
 import torch
 from sklearn.model_selection import train_test_split
 
-from branchnet.errors import BranchnetError
-
-
-class DataError(BranchnetError, ValueError):
-    """Raised when data is missing, malformed or inconsistent."""
+from branchnet.data.errors import DataError
+from branchnet.data.texts import Texts
 
 
 def tensor_fingerprint(*tensors: torch.Tensor) -> str:
@@ -77,14 +77,17 @@ def stratified_split(
 
 @dataclass
 class Split:
-    """One split of a dataset: inputs ``x`` ``[N, ...]`` (float32) and labels ``y`` ``[N]`` (int64)."""
+    """One split of a dataset: inputs ``x`` ``[N, ...]`` (float32), or N texts (a :class:`Texts`;
+    a list or tuple of strings becomes one), and labels ``y`` ``[N]`` (int64)."""
 
-    x: torch.Tensor
+    x: torch.Tensor | Texts
     y: torch.Tensor
     _fingerprint: str | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.x, torch.Tensor):
+        if isinstance(self.x, (list, tuple)) and self.x and isinstance(self.x[0], str):
+            self.x = Texts(self.x)
+        elif not isinstance(self.x, (torch.Tensor, Texts)):
             self.x = torch.as_tensor(self.x)
         if not isinstance(self.y, torch.Tensor):
             self.y = torch.as_tensor(self.y)
@@ -101,10 +104,19 @@ class Split:
         return int(self.y.shape[0])
 
     @property
+    def is_text(self) -> bool:
+        """Whether the inputs are texts."""
+        return isinstance(self.x, Texts)
+
+    @property
     def fingerprint(self) -> str:
         """Content hash of x and y, computed once (used to key activation caches)."""
         if self._fingerprint is None:
-            self._fingerprint = tensor_fingerprint(self.x, self.y)
+            if isinstance(self.x, Texts):
+                both = f"texts {self.x.fingerprint}|{tensor_fingerprint(self.y)}".encode()
+                self._fingerprint = hashlib.blake2b(both, digest_size=8).hexdigest()
+            else:
+                self._fingerprint = tensor_fingerprint(self.x, self.y)
         return self._fingerprint
 
     def subset(self, index: torch.Tensor) -> Split:
@@ -139,7 +151,8 @@ class Data:
     """A dataset: train / val / test splits, class names and how the inputs were prepared.
 
     ``preprocessing`` records everything needed to prepare new raw inputs the same way
-    (scale, mean, std, mode), and is part of the activation-cache key.
+    (scale, mean, std, mode), and is part of the activation-cache key. ``groups``, where the
+    source has them, maps each group of classes to its class names.
     """
 
     train: Split
@@ -148,9 +161,11 @@ class Data:
     classes: list[str]
     name: str = "data"
     preprocessing: dict[str, Any] = field(default_factory=dict)
+    groups: dict[str, list[str]] | None = None
 
     @property
     def input_shape(self) -> tuple[int, ...]:
+        """The shape of one input: ``()`` for texts."""
         return tuple(self.train.x.shape[1:])
 
     @property
@@ -168,6 +183,9 @@ class Data:
         >>> d = Data(s, s, s, ["a", "b", "c"]).select_classes(["c", "a"])
         >>> d.classes, d.train.y.tolist()
         (['c', 'a'], [1, 0])
+        >>> Data(s, s, s, ["a", "b", "c"], groups={"x": ["a", "b"], "y": ["c"]}).select_classes(
+        ...     ["b", "a"]).groups
+        {'x': ['b', 'a']}
         """
         idx = []
         for c in classes:
@@ -182,16 +200,38 @@ class Data:
         if len(set(idx)) != len(idx):
             raise DataError(f"class list {classes} names a class twice")
         mapping = {old: new for new, old in enumerate(idx)}
+        kept = [self.classes[i] for i in idx]
         return replace(
             self,
             train=self.train.relabel(mapping),
             val=self.val.relabel(mapping),
             test=self.test.relabel(mapping),
-            classes=[self.classes[i] for i in idx],
+            classes=kept,
+            groups=restrict_groups(self.groups, kept),
         )
 
     def summary(self) -> str:
+        """One line: name, classes, input, split sizes.
+
+        >>> Data(Split(["a b"], [0]), Split(["c"], [0]), Split(["d"], [0]), ["x"]).summary()
+        'data: 1 classes, text, train 1 / val 1 / test 1'
+        """
+        inputs = "text" if self.train.is_text else f"input {self.input_shape}"
         return (
-            f"{self.name}: {self.num_classes} classes, input {self.input_shape}, "
+            f"{self.name}: {self.num_classes} classes, {inputs}, "
             f"train {len(self.train)} / val {len(self.val)} / test {len(self.test)}"
         )
+
+
+def restrict_groups(
+    groups: dict[str, list[str]] | None, classes: list[str]
+) -> dict[str, list[str]] | None:
+    """Groups of classes kept to ``classes`` (in that order); groups left empty are dropped.
+
+    >>> restrict_groups({"a": ["x", "y"], "b": ["z"]}, ["y", "x"])
+    {'a': ['y', 'x']}
+    """
+    if groups is None:
+        return None
+    kept = {g: [c for c in classes if c in members] for g, members in groups.items()}
+    return {g: members for g, members in kept.items() if members}

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from branchnet.data.cifar import find_cifar_dir, read_cifar
-from branchnet.data.dataset import Data, DataError, Split, stratified_split
+from branchnet.data.dataset import Data, DataError, Split, restrict_groups, stratified_split
 from branchnet.data.digits import read_digits
 from branchnet.data.imagefolder import is_archive, read_image_folder
 from branchnet.data.images import ImageSize, parse_size
@@ -27,12 +27,14 @@ from branchnet.data.prepare import (
     normalize_,
     to_float,
 )
+from branchnet.data.text import is_text_file, read_text
 
 ACCEPTED = (
     '"digits"; a CIFAR-10/100 python folder (cifar-10-batches-py, cifar-100-python); an '
     "ImageFolder directory or archive (.tar.gz, .tgz, .tar, .zip) with <class>/<image> or "
-    "train|test|val/<class>/<image>; a .npz file with arrays x, y (optional classes); a tuple "
-    "(x, y); or a dict with x, y (optional classes, x_test/y_test, x_val/y_val)"
+    "train|test|val/<class>/<image>; a .npz file with arrays x, y (optional classes); a text "
+    "classification file (.jsonl, .jsonl.gz, .csv, .csv.gz) with a text and a label column; a "
+    "tuple (x, y); or a dict with x, y (optional classes, x_test/y_test, x_val/y_val)"
 )
 
 
@@ -230,6 +232,42 @@ def _read(
     raise DataError(f"don't know how to read {path}; accepted: {ACCEPTED}")
 
 
+def _text_only_options(source: Any, **given: tuple[Any, Any]) -> None:
+    """DataError for options of text files given (not at their default) for another source."""
+    named = [k for k, (value, default) in given.items() if value != default]
+    if named:
+        what = str(source) if isinstance(source, (str, Path)) else type(source).__name__
+        raise DataError(
+            f"{', '.join(named)} {'applies' if len(named) == 1 else 'apply'} only to text files "
+            f"(.jsonl, .jsonl.gz, .csv, .csv.gz), not {what}"
+        )
+
+
+def _split_rows(
+    raw: RawData,
+    classes: Sequence[str | int] | None,
+    val_fraction: float,
+    test_fraction: float,
+    max_per_class: int | None,
+    seed: int,
+) -> dict[str, np.ndarray]:
+    """The rows of each split: selected classes, test (where the source has none), a
+    subsample of train, val off train. Rows index the raw arrays; nothing is copied."""
+    rows = {k: np.arange(len(y)) for k, (_, y) in raw.splits.items()}
+    if classes is not None:
+        rows = _select(raw, classes)
+    y = raw.splits["train"][1]
+    if "test" not in rows:
+        keep, test = stratified_split(y[rows["train"]], test_fraction, seed)
+        rows["test"], rows["train"] = rows["train"][test], rows["train"][keep]
+    if max_per_class is not None:
+        rows["train"] = rows["train"][_max_per_class(y[rows["train"]], max_per_class, seed)]
+    if "val" not in rows:
+        keep, val = stratified_split(y[rows["train"]], val_fraction, seed)
+        rows["val"], rows["train"] = rows["train"][val], rows["train"][keep]
+    return rows
+
+
 def load(
     source: Any,
     *,
@@ -244,11 +282,16 @@ def load(
     cache_dir: str | Path | None = None,
     progress: bool = True,
     image_mode: str = "RGB",
+    test_source: str | Path | None = None,
+    text_column: str = "text",
+    label_column: str = "label",
+    group_column: str | None = None,
 ) -> Data:
     """Load a data source as a :class:`Data` with train / val / test splits.
 
     ``source``: ``"digits"``; a CIFAR-10/100 python folder; an ImageFolder directory or archive;
-    a ``.npz`` file (x, y, optional classes); a tuple ``(x, y)``; or a dict with x, y (optional
+    a ``.npz`` file (x, y, optional classes); a text classification file (``.jsonl``,
+    ``.jsonl.gz``, ``.csv``, ``.csv.gz``); a tuple ``(x, y)``; or a dict with x, y (optional
     classes, x_test/y_test, x_val/y_val). uint8 arrays with 3-4 dims are images; other arrays
     are features kept in their shape.
 
@@ -263,6 +306,11 @@ def load(
     folders; ``label_set`` ("fine" or "coarse") to CIFAR-100. ``Data.preprocessing`` holds all
     that :func:`~branchnet.data.prepare.apply_preprocessing` needs for new raw inputs.
 
+    Text files (:mod:`branchnet.data.text`) give :class:`~branchnet.data.texts.Texts` inputs,
+    not normalised: ``text_column`` and ``label_column`` name their columns, ``group_column``
+    (optional) a group of each label (``Data.groups``), and ``test_source`` a separate test
+    file in the same format (then no test split is cut off). These four apply only to text.
+
     >>> x = np.arange(40, dtype=np.float32).reshape(20, 2); y = np.arange(20) % 2
     >>> d = load((x, y), classes=[1, 0], val_fraction=0.25, test_fraction=0.2, seed=1)
     >>> d.classes, len(d.train), len(d.val), len(d.test), d.preprocessing["mode"]
@@ -270,29 +318,34 @@ def load(
     """
     if normalize is not None and normalize not in NORMALIZE_MODES:
         raise DataError(f"normalize must be one of {NORMALIZE_MODES} or None, got {normalize!r}")
-    raw = _read(source, image_size, image_mode, label_set, cache_dir, progress)
+    text = isinstance(source, (str, Path)) and is_text_file(source)
+    if text:
+        if normalize is not None or image_size is not None:
+            raise DataError(
+                f"normalize and image_size do not apply to text data ({source}); leave them unset"
+            )
+        raw = read_text(source, test_source, text_column=text_column, label_column=label_column,
+                        group_column=group_column)
+    else:
+        _text_only_options(source, test_source=(test_source, None), text_column=(text_column, "text"),
+                           label_column=(label_column, "label"), group_column=(group_column, None))
+        raw = _read(source, image_size, image_mode, label_set, cache_dir, progress)
     if image_size is not None and raw.info.get("resample") is None:
         raise DataError(f"image_size only applies to image folders and archives, not {raw.name}")
     if image_mode != "RGB" and raw.info.get("image_mode") != image_mode:
         raise DataError(f"image_mode only applies to image folders and archives, not {raw.name}")
     if label_set != "fine" and not raw.name.startswith("cifar100"):
         raise DataError(f"label_set={label_set!r} only applies to CIFAR-100, not {raw.name}")
-    _validate(raw)
-    # Splits are tracked as row indices into the raw arrays; rows are copied only once, below.
-    rows = {k: np.arange(len(y)) for k, (_, y) in raw.splits.items()}
-    if classes is not None:
-        rows = _select(raw, classes)
-    y = raw.splits["train"][1]
-    if "test" not in rows:
-        keep, test = stratified_split(y[rows["train"]], test_fraction, seed)
-        rows["test"], rows["train"] = rows["train"][test], rows["train"][keep]
-    if max_per_class is not None:
-        rows["train"] = rows["train"][_max_per_class(y[rows["train"]], max_per_class, seed)]
-    if "val" not in rows:
-        keep, val = stratified_split(y[rows["train"]], val_fraction, seed)
-        rows["val"], rows["train"] = rows["train"][val], rows["train"][keep]
+    if not text:  # the text reader checks its rows itself
+        _validate(raw)
+    rows = _split_rows(raw, classes, val_fraction, test_fraction, max_per_class, seed)
     src = {k: raw.splits.get(k, raw.splits["train"]) for k in ("train", "val", "test")}
     labels = {k: np.ascontiguousarray(src[k][1][rows[k]]) for k in src}
+    if text:
+        out = {k: Split(src[k][0][rows[k]], torch.from_numpy(labels[k])) for k in src}
+        preprocessing = {"layout": "text", "input_shape": [], **raw.info}
+        return Data(out["train"], out["val"], out["test"], list(raw.classes), raw.name,
+                    preprocessing, restrict_groups(raw.groups, raw.classes))
     mode = normalize or raw.default_normalize
     xf = {k: to_float(src[k][0], raw.scale, rows=rows[k]) for k in src}
     stats = fit_normalization(xf["train"], mode, scale=raw.scale)

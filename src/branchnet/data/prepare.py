@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from branchnet.data.dataset import DataError
+from branchnet.data.texts import Texts
 
 NORMALIZE_MODES = ("feature", "channel", "none")
 _CHUNK_ELEMENTS = 1 << 18  # statistics are computed over chunks of ~2 MB (float64)
@@ -33,17 +34,20 @@ class RawData:
 
     ``splits`` maps ``"train"`` (required), ``"val"`` and ``"test"`` (optional) to ``(x, y)``
     numpy arrays. For ``kind="image"`` x is ``[N, C, H, W]`` (usually uint8); for
-    ``kind="features"`` it is ``[N, ...]`` as given. ``scale`` turns raw values into [0, 1]
-    (1/255 for uint8 images). ``info`` holds extra entries for ``Data.preprocessing``.
+    ``kind="features"`` it is ``[N, ...]`` as given; for ``kind="text"`` it is a
+    :class:`~branchnet.data.texts.Texts`. ``scale`` turns raw values into [0, 1] (1/255 for
+    uint8 images). ``info`` holds extra entries for ``Data.preprocessing``; ``groups`` becomes
+    ``Data.groups``.
     """
 
-    splits: dict[str, tuple[np.ndarray, np.ndarray]]
+    splits: dict[str, tuple[np.ndarray | Texts, np.ndarray]]
     classes: list[str]
     name: str
     kind: str = "features"
     scale: float = 1.0
     default_normalize: str = "feature"
     info: dict[str, Any] = field(default_factory=dict)
+    groups: dict[str, list[str]] | None = None
 
 
 def _reduce_axes(x: np.ndarray, mode: str) -> tuple[int, ...]:
