@@ -23,6 +23,7 @@ from branchnet.cache import (
     CachedActivations,
     CachedDataset,
     CacheError,
+    _EntryWriter,
     collate_batch,
 )
 from branchnet.data import Split
@@ -194,7 +195,7 @@ def test_failed_write_leaves_no_entry(
     tmp_path: Path, parent: Counting, split: Split, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     cache = ActivationCache(tmp_path, shard_rows=20)
-    real = ActivationCache._write_shard
+    real = _EntryWriter._write_shard
     written = []
 
     def failing(*args: object) -> dict:
@@ -203,7 +204,7 @@ def test_failed_write_leaves_no_entry(
         written.append(1)
         return real(*args)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(ActivationCache, "_write_shard", staticmethod(failing))
+    monkeypatch.setattr(_EntryWriter, "_write_shard", staticmethod(failing))
     with pytest.raises(KeyboardInterrupt):
         get(cache, parent, split)
     left = [p.name for p in tmp_path.iterdir() if not p.name.startswith(".lock-")]
@@ -221,14 +222,14 @@ def test_crash_mid_write_leaves_only_ignored_temp_folder(tmp_path: Path) -> None
         f"""
         import os, torch
         from torch import nn
-        from branchnet.cache import ActivationCache
-        real = ActivationCache._write_shard
+        from branchnet.cache import ActivationCache, _EntryWriter
+        real = _EntryWriter._write_shard
         def crash(folder, i, *rest):
             out = real(folder, i, *rest)
             if i == 1:
                 os._exit(3)
             return out
-        ActivationCache._write_shard = staticmethod(crash)
+        _EntryWriter._write_shard = staticmethod(crash)
         torch.manual_seed(0)
         net = nn.Sequential(nn.Linear(4, 6), nn.ReLU())
         ActivationCache({str(tmp_path)!r}, shard_rows=10).get(net, "1", torch.ones(50, 4),

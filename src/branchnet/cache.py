@@ -1,9 +1,12 @@
-"""On-disk, memory-mapped cache of a frozen parent network's activations at one layer.
+"""On-disk, memory-mapped cache of a frozen parent network's activations at its layers.
 
 Every branch training run reads the same parent activations, so they are computed once and
 stored under ``root/<key>/``, where the key hashes the parent's weights and structure, the
 layer, the input data, the preprocessing and the storage dtype. Change any of them (e.g.
-retrain the parent) and a new entry is computed; nothing stale is ever served.
+retrain the parent) and a new entry is computed; nothing stale is ever served. Each entry holds
+one layer; :meth:`ActivationCache.get_many` fills the entries of several layers from one pass
+over the data (one forward per batch). The data is a tensor, a :class:`~branchnet.data.Split`
+or any other rows with ``len()``, slicing and a ``fingerprint`` str (e.g. texts).
 
 Layout of one entry::
 
@@ -18,7 +21,8 @@ Reading memory-maps each shard's tensor region read-only (after checking the hea
 
 Several processes may share one cache: :meth:`ActivationCache.get` fills an entry under an
 advisory lock (``root/.lock-<key>``, :mod:`filelock`), so a second process asking for the same
-entry waits and then reads the first one's instead of computing it again. An existing entry is
+entry waits and then reads the first one's instead of computing it again (``get_many`` takes
+the locks of all the entries it fills, in key order). An existing entry is
 validated before it is served (sizes, safetensors headers and, by default, the content hashes
 recorded in ``meta.json``); a damaged one is removed with a warning naming the bad file and
 computed again.
@@ -36,6 +40,9 @@ Example:
     torch.float32
     >>> cache.get(net, "1", x, progress=False).key == acts.key   # reused, not recomputed
     True
+    >>> both = cache.get_many(net, ["1", "2"], x, progress=False)  # "1" reused, "2" computed
+    >>> both["1"].key == acts.key, both["2"].shape
+    (True, torch.Size([100, 2]))
 """
 
 from __future__ import annotations
@@ -50,11 +57,12 @@ import shutil
 import time
 import uuid
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -62,14 +70,20 @@ from filelock import FileLock
 from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
 from branchnet._version import __version__
 from branchnet.data.batches import collate_batch
 from branchnet.data.dataset import Split, tensor_fingerprint
 from branchnet.errors import BranchnetError
 from branchnet.fileio import write_json
-from branchnet.taps import _check_rows, module_fingerprint, tap
+from branchnet.taps import (
+    MultiTap,
+    _batch_outputs,
+    _check_batch_size,
+    _num_rows,
+    module_fingerprint,
+    tap,
+)
 
 __all__ = [
     "ActivationCache",
@@ -77,6 +91,7 @@ __all__ = [
     "CacheError",
     "CachedActivations",
     "CachedDataset",
+    "Fingerprinted",
     "collate_batch",
 ]
 
@@ -480,12 +495,122 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _data_of(data: torch.Tensor | Split) -> tuple[torch.Tensor, str]:
+class Fingerprinted(Protocol):
+    """Rows that are not a tensor (e.g. :class:`branchnet.data.Texts`): ``len()``, slicing
+    ``x[a:b]`` to a batch the model takes, and a content hash naming them in cache keys."""
+
+    @property
+    def fingerprint(self) -> str: ...
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: slice) -> Any: ...
+
+
+Data = torch.Tensor | Split | Fingerprinted
+
+
+def _data_of(data: Data) -> tuple[Any, str]:
+    """The rows to feed the model and their fingerprint."""
     if isinstance(data, Split):
         return data.x, data.fingerprint
     if isinstance(data, torch.Tensor):
         return data, tensor_fingerprint(data)
-    raise TypeError(f"data must be a Split or a tensor, got {type(data).__name__}")
+    fingerprint = getattr(data, "fingerprint", None)
+    if isinstance(fingerprint, str) and hasattr(data, "__len__"):
+        return data, fingerprint
+    raise TypeError(
+        "data must be a Split, a tensor or rows with len() and a str 'fingerprint' "
+        f"(e.g. branchnet.data.Texts), got {type(data).__name__}"
+    )
+
+
+class _EntryWriter:
+    """Writes the shards of one entry into ``folder`` as batches of ``rows`` rows arrive.
+
+    ``add`` takes the layer's output for the next rows (any device and dtype), stores it in
+    ``dtype`` and writes each shard of ``shard_rows`` rows once full (a batch may straddle a
+    shard boundary); ``finish`` writes meta.json.
+    """
+
+    def __init__(self, folder: Path, layer: str, dtype: torch.dtype, shard_rows: int,
+                 rows: int) -> None:
+        self.folder, self.layer, self.dtype = folder, layer, dtype
+        self.shard_rows, self.rows = shard_rows, rows
+        self.shards: list[dict[str, Any]] = []
+        self.features: tuple[int, ...] | None = None
+        self._buf: torch.Tensor | None = None  # the shard being filled: rows [lo, hi)
+        self._lo = self._hi = self._pos = 0
+
+    def add(self, h: torch.Tensor) -> None:
+        h = self._convert(h)
+        if self.features is None:
+            self.features = tuple(h.shape[1:])
+        elif tuple(h.shape[1:]) != self.features:
+            raise CacheError(
+                f"layer {self.layer!r} returned rows of shape {tuple(h.shape[1:])} after "
+                f"{self.features}; its output shape must not depend on the batch"
+            )
+        a, b = self._pos, self._pos + len(h)
+        while self._pos < b:
+            if self._buf is None:
+                self._lo, self._hi = self._hi, min(self.rows, self._hi + self.shard_rows)
+                self._buf = torch.empty((self._hi - self._lo, *self.features), dtype=self.dtype)
+            end = min(b, self._hi)
+            self._buf[self._pos - self._lo : end - self._lo] = h[self._pos - a : end - a]
+            self._pos = end
+            if self._pos == self._hi:
+                self.shards.append(
+                    self._write_shard(self.folder, len(self.shards), self._lo, self._hi,
+                                      self._buf)
+                )
+                self._buf = None
+
+    def finish(self, meta: dict[str, Any]) -> None:
+        """Write ``meta`` (completed with the shape, dtype and shards) as meta.json."""
+        if self.features is None or self._pos != self.rows:
+            raise CacheError(f"layer {self.layer!r}: {self._pos} of {self.rows} rows were added")
+        meta = {
+            **meta,
+            "dtype": _DTYPES[self.dtype][0],
+            "shape": [self.rows, *self.features],
+            "rows": self.rows,
+            "shard_rows": self.shard_rows,
+            "shards": self.shards,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "branchnet_version": __version__,
+            "torch_version": torch.__version__,
+        }
+        _fsync(write_json(self.folder / "meta.json", meta))
+
+    def _convert(self, h: torch.Tensor) -> torch.Tensor:
+        """A batch in the storage dtype, on the CPU; float16 overflow is an error."""
+        stored = h.to("cpu", self.dtype)
+        overflow = self.dtype == torch.float16 and not torch.isfinite(stored).all()
+        if overflow and torch.isfinite(h).all():
+            raise CacheError(
+                f"activations of layer {self.layer!r} exceed the float16 range "
+                f"(max |a| = {h.abs().max().item():.4g}); use ActivationCache(..., "
+                "dtype=torch.float32) or torch.bfloat16"
+            )
+        return stored
+
+    @staticmethod
+    def _write_shard(
+        folder: Path, i: int, start: int, stop: int, buf: torch.Tensor
+    ) -> dict[str, Any]:
+        name = f"shard_{i:05d}.safetensors"
+        file = folder / name
+        buf = buf.contiguous()
+        save_file({"x": buf}, str(file))
+        _fsync(file)
+        return {
+            "file": name,
+            "start": start,
+            "stop": stop,
+            "bytes": file.stat().st_size,
+            "blake2b": _hash_bytes(buf.reshape(-1).view(torch.uint8).numpy()),
+        }
 
 
 class ActivationCache:
@@ -539,7 +664,7 @@ class ActivationCache:
         self,
         model: nn.Module,
         layer: str,
-        split_or_x: torch.Tensor | Split,
+        split_or_x: Data,
         preprocessing: dict[str, Any] | None = None,
         truncate: bool = False,
     ) -> str:
@@ -589,7 +714,7 @@ class ActivationCache:
         self,
         model: nn.Module,
         layer: str,
-        data: torch.Tensor | Split,
+        data: Data,
         *,
         preprocessing: dict[str, Any] | None = None,
     ) -> bool:
@@ -604,7 +729,7 @@ class ActivationCache:
         self,
         model: nn.Module,
         layer: str,
-        data: torch.Tensor | Split,
+        data: Data,
         *,
         preprocessing: dict[str, Any] | None = None,
         batch_size: int = 1024,
@@ -617,69 +742,162 @@ class ActivationCache:
         The fill runs under a per-key lock: a concurrent ``get`` of the same entry in another
         process waits, then reads this one's. An existing entry that fails validation (see
         ``verify``) is removed with a warning naming the damaged file, and computed again.
+        ``truncate=True`` computes it with a :mod:`torch.fx`-truncated model (same values).
         """
-        t = tap(model, layer, truncate=truncate)  # validates the layer name first
+        return self._serve(model, [layer], data, preprocessing, batch_size, progress,
+                           truncate)[layer]
+
+    def get_many(
+        self,
+        model: nn.Module,
+        layers: Sequence[str],
+        data: Data,
+        *,
+        preprocessing: dict[str, Any] | None = None,
+        batch_size: int = 1024,
+        progress: bool = True,
+    ) -> dict[str, CachedActivations]:
+        """``{layer: get(model, layer, data, ...)}`` for each of ``layers``, the missing entries
+        computed together in one pass over ``data`` (one forward per batch, with hooks).
+
+        Entries have the keys :meth:`get` uses, so each is shared with it. The locks of the
+        missing keys are taken in key order (two processes asking for overlapping layers do not
+        deadlock); entries another process filled meanwhile are read, not computed. Duplicate
+        layers are a ``ValueError``, an unknown one a :class:`~branchnet.taps.TapError`, both
+        raised before any work.
+
+        >>> import tempfile, torch
+        >>> from torch import nn
+        >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> cache, x = ActivationCache(tempfile.mkdtemp()), torch.randn(20, 4)
+        >>> acts = cache.get_many(net, ["0", "2"], x, progress=False)
+        >>> {layer: a.shape for layer, a in acts.items()}
+        {'0': torch.Size([20, 8]), '2': torch.Size([20, 2])}
+        >>> cache.get(net, "2", x, progress=False).key == acts["2"].key
+        True
+        """
+        return self._serve(model, layers, data, preprocessing, batch_size, progress, False)
+
+    def _serve(
+        self,
+        model: nn.Module,
+        layers: Sequence[str],
+        data: Data,
+        preprocessing: dict[str, Any] | None,
+        batch_size: int,
+        progress: bool,
+        truncate: bool,
+    ) -> dict[str, CachedActivations]:
+        """get / get_many: valid entries are opened, the missing ones filled under their locks."""
+        layers = MultiTap(model, layers).layers  # names checked before any work
+        _check_batch_size(batch_size)
         x, data_fp = _data_of(data)
         model_fp = module_fingerprint(model)
-        key = self._key(model_fp, layer, data_fp, preprocessing)
-        final = self.path(key)
-        if final.exists():
-            acts = self._valid_entry(final)
-            if acts is not None:
-                return acts
-        self.root.mkdir(parents=True, exist_ok=True)
+        keys = {layer: self._key(model_fp, layer, data_fp, preprocessing) for layer in layers}
+        found = {layer: self._valid_entry(self.path(key)) for layer, key in keys.items()}
+        missing = {layer: key for layer, key in keys.items() if found[layer] is None}
+        if missing:
+            self.root.mkdir(parents=True, exist_ok=True)
+            with ExitStack() as held:
+                for key in sorted(missing.values()):  # one order for all: no deadlock
+                    held.callback(self._lock(key).release)
+                todo: dict[str, str] = {}
+                for layer, key in missing.items():
+                    # written (or damaged) while this process waited for the lock?
+                    found[layer] = self._valid_entry(self.path(key), remove_damaged=True)
+                    if found[layer] is None:
+                        todo[layer] = key
+                    else:
+                        log.info("activation cache entry %s: read, filled by another process",
+                                 self.path(key))
+                if todo:
+                    meta = {
+                        "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
+                        "model_fingerprint": model_fp,
+                        "data_fingerprint": data_fp,
+                        "preprocessing": json.loads(
+                            json.dumps(preprocessing, sort_keys=True, default=str)
+                        ),
+                    }
+                    self._fill(model, todo, x, meta, batch_size, progress, truncate)
+        return {
+            layer: CachedActivations(self.path(key)) if found[layer] is None else found[layer]
+            for layer, key in keys.items()
+        }
+
+    def _lock(self, key: str) -> FileLock:
+        """The key's fill lock, acquired (after waiting, with a log line, if another process
+        holds it)."""
         lock = FileLock(str(self.root / f"{_LOCK_PREFIX}{key}"))
         try:
             lock.acquire(timeout=0)
         except TimeoutError:  # filelock.Timeout derives from TimeoutError
-            log.info("waiting for another process filling activation cache entry %s", final)
+            log.info("waiting for another process filling activation cache entry %s",
+                     self.path(key))
             lock.acquire()
+        return lock
+
+    def _fill(
+        self,
+        model: nn.Module,
+        todo: dict[str, str],
+        x: Any,
+        meta: dict[str, Any],
+        batch_size: int,
+        progress: bool,
+        truncate: bool,
+    ) -> None:
+        """Compute the entries ``todo`` (``{layer: key}``, their locks held) in one pass over
+        ``x``: each is written into a temporary folder, then renamed into place."""
+        call: Callable[[Any], dict[str, torch.Tensor]]
+        if truncate:  # one layer (get)
+            t = tap(model, *todo, truncate=True)
+
+            def call(chunk: Any) -> dict[str, torch.Tensor]:
+                return {t.layer: t(chunk)}
+
+        else:
+            call = MultiTap(model, list(todo))
+        n = _num_rows(x)
+        t0 = time.perf_counter()
+        folders: list[Path] = []
         try:
-            if final.exists():  # written (or damaged) while this process waited for the lock
-                acts = self._valid_entry(final, remove_damaged=True)
-                if acts is not None:
-                    log.info("activation cache entry %s: read, filled by another process", final)
-                    return acts
-            self._remove_leftovers(key)
-            meta = {
-                "format": FORMAT,
-                "format_version": FORMAT_VERSION,
-                "key": key,
-                "layer": layer,
-                "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
-                "model_fingerprint": model_fp,
-                "data_fingerprint": data_fp,
-                "preprocessing": json.loads(
-                    json.dumps(preprocessing, sort_keys=True, default=str)
-                ),
-            }
-            t0 = time.perf_counter()
-            log.info("computing activation cache entry %s (%d rows)", final, int(x.shape[0]))
-            tmp = self.root / f"{_TMP_PREFIX}{key}-{uuid.uuid4().hex[:12]}"
-            tmp.mkdir()
-            try:
-                self._write(tmp, t, x, meta, batch_size, progress)
+            writers = {}
+            for layer, key in todo.items():
+                self._remove_leftovers(key)
+                log.info("computing activation cache entry %s (%d rows)", self.path(key), n)
+                folders.append(self.root / f"{_TMP_PREFIX}{key}-{uuid.uuid4().hex[:12]}")
+                folders[-1].mkdir()
+                writers[layer] = _EntryWriter(folders[-1], layer, self.dtype, self.shard_rows, n)
+            desc = f"caching {', '.join(todo)}" if len(todo) == 1 else f"caching {len(todo)} layers"
+            for _, outputs in _batch_outputs(call, x, batch_size, progress=progress, desc=desc):
+                for layer, h in outputs.items():
+                    writers[layer].add(h)
+            for (layer, key), folder in zip(todo.items(), folders, strict=True):
+                writers[layer].finish({"format": FORMAT, "format_version": FORMAT_VERSION,
+                                       "key": key, "layer": layer, **meta})
                 try:
-                    os.replace(tmp, final)
+                    os.replace(folder, self.path(key))
                 except OSError:
                     # a writer that ignored the lock (a filesystem without flock) was first
-                    if not (final / "meta.json").is_file():
+                    if not (self.path(key) / "meta.json").is_file():
                         raise
-                    shutil.rmtree(tmp, ignore_errors=True)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
-            _fsync(self.root)
-            log.info("computed activation cache entry %s in %.2fs", final,
+                    shutil.rmtree(folder, ignore_errors=True)
+        except BaseException:
+            for folder in folders:
+                shutil.rmtree(folder, ignore_errors=True)
+            raise
+        _fsync(self.root)
+        for key in todo.values():
+            log.info("computed activation cache entry %s in %.2fs", self.path(key),
                      time.perf_counter() - t0)
-        finally:
-            lock.release()
-        return CachedActivations(final)
 
     def _valid_entry(self, final: Path, remove_damaged: bool = False) -> CachedActivations | None:
         """The entry at ``final`` if it passes validation; else None (and, with
         ``remove_damaged``, the damaged entry is removed with a warning naming the bad file;
         only call that while holding the entry's lock)."""
+        if not final.exists():
+            return None
         try:
             acts = CachedActivations(final)
             if self.verify_mode == "full":
@@ -689,7 +907,7 @@ class ActivationCache:
             if not remove_damaged:
                 return None
             warnings.warn(f"{e.args[0].split('. Delete the folder')[0]}: removing the damaged "
-                          f"entry {final} and computing it again", RuntimeWarning, stacklevel=3)
+                          f"entry {final} and computing it again", RuntimeWarning, stacklevel=4)
             # renamed first, so that no reader finds a half-deleted entry under the key
             trash = self.root / f"{_TMP_PREFIX}{final.name}-damaged-{uuid.uuid4().hex[:12]}"
             os.replace(final, trash)
@@ -702,91 +920,6 @@ class ActivationCache:
         for p in self.root.glob(f"{_TMP_PREFIX}{key}-*"):
             log.info("removing %s, left by an interrupted fill", p)
             shutil.rmtree(p, ignore_errors=True)
-
-    def _write(
-        self,
-        folder: Path,
-        t: Any,
-        x: torch.Tensor,
-        meta: dict[str, Any],
-        batch_size: int,
-        progress: bool,
-    ) -> None:
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        n = int(x.shape[0])
-        shards: list[dict[str, Any]] = []
-        features: tuple[int, ...] | None = None
-        buf: torch.Tensor | None = None  # the shard being filled: rows [lo, hi)
-        lo = hi = 0
-        # Batches run over the whole input (same boundaries as taps.extract); a batch that
-        # straddles a shard boundary is split between two shard buffers.
-        with tqdm(total=n, unit="row", desc=f"caching {t.layer}", disable=not progress) as bar:
-            for a in range(0, n, batch_size):
-                b = min(n, a + batch_size)
-                h = self._convert(_check_rows(t(x[a:b]), b - a, t.layer), t.layer)
-                if features is None:
-                    features = tuple(h.shape[1:])
-                elif tuple(h.shape[1:]) != features:
-                    raise CacheError(
-                        f"layer {t.layer!r} returned rows of shape {tuple(h.shape[1:])} after "
-                        f"{features}; its output shape must not depend on the batch"
-                    )
-                pos = a
-                while pos < b:
-                    if buf is None:
-                        lo, hi = hi, min(n, hi + self.shard_rows)
-                        buf = torch.empty((hi - lo, *features), dtype=self.dtype)
-                    end = min(b, hi)
-                    buf[pos - lo : end - lo] = h[pos - a : end - a]
-                    pos = end
-                    if pos == hi:
-                        shards.append(self._write_shard(folder, len(shards), lo, hi, buf))
-                        buf = None
-                bar.update(b - a)
-        if features is None:  # no rows: one empty forward to learn the feature shape
-            features = tuple(_check_rows(t(x[:0]), 0, t.layer).shape[1:])
-        meta.update(
-            dtype=_DTYPES[self.dtype][0],
-            shape=[n, *features],
-            rows=n,
-            shard_rows=self.shard_rows,
-            shards=shards,
-            created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            branchnet_version=__version__,
-            torch_version=torch.__version__,
-        )
-        file = write_json(folder / "meta.json", meta)
-        _fsync(file)
-
-    def _convert(self, h: torch.Tensor, layer: str) -> torch.Tensor:
-        """A batch in the storage dtype, on the CPU; float16 overflow is an error."""
-        stored = h.to("cpu", self.dtype)
-        overflow = self.dtype == torch.float16 and not torch.isfinite(stored).all()
-        if overflow and torch.isfinite(h).all():
-            raise CacheError(
-                f"activations of layer {layer!r} exceed the float16 range "
-                f"(max |a| = {h.abs().max().item():.4g}); use ActivationCache(..., "
-                "dtype=torch.float32) or torch.bfloat16"
-            )
-        return stored
-
-    @staticmethod
-    def _write_shard(
-        folder: Path, i: int, start: int, stop: int, buf: torch.Tensor
-    ) -> dict[str, Any]:
-        name = f"shard_{i:05d}.safetensors"
-        file = folder / name
-        buf = buf.contiguous()
-        save_file({"x": buf}, str(file))
-        _fsync(file)
-        return {
-            "file": name,
-            "start": start,
-            "stop": stop,
-            "bytes": file.stat().st_size,
-            "blake2b": _hash_bytes(buf.reshape(-1).view(torch.uint8).numpy()),
-        }
 
     # -- housekeeping
 

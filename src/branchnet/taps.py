@@ -1,13 +1,19 @@
 """Read the output of any named layer of any :class:`torch.nn.Module`.
 
-A *tap* runs a frozen parent network on a batch and returns what one of its layers produced.
-Extraction always happens in eval mode (dropout off, batch-norm running statistics) under
-:func:`torch.inference_mode`; the training flag of every submodule is restored afterwards.
+A *tap* runs a frozen parent network on a batch and returns what one of its layers produced;
+a :class:`MultiTap` reads several layers from one forward pass. Extraction always happens in
+eval mode (dropout off, batch-norm running statistics) under :func:`torch.inference_mode`; the
+training flag of every submodule is restored afterwards.
+
+Inputs are tensors ``[N, ...]`` (numpy arrays are converted), moved to the model's device, or
+any other batch of ``N`` rows with ``len()`` and slicing (e.g. :class:`branchnet.data.Texts`,
+for a parent whose forward takes a batch of strings), which is passed to the model as it is.
 
 Two ways to read a layer:
 
 * ``truncate=False`` (default): a forward hook copies the layer's output during a full forward
-  pass. Works on any model; layers after the tap are still computed.
+  pass. Works on any model; layers after the tap are still computed. This is how a
+  :class:`MultiTap` reads all its layers.
 * ``truncate=True``: :mod:`torch.fx` traces the model and drops everything downstream of the
   tap, so later layers are never run. Only the ``forward`` of the root and of the blocks that
   contain the tapped layer are traced (other submodules are called as they are), and those
@@ -27,6 +33,8 @@ Example:
     ['0', '1', '2']
     >>> extract(net, "1", torch.randn(10, 4), batch_size=4).shape
     torch.Size([10, 3])
+    >>> {k: v.shape for k, v in extract_many(net, ["0", "2"], torch.randn(10, 4)).items()}
+    {'0': torch.Size([10, 3]), '2': torch.Size([10, 2])}
 """
 
 from __future__ import annotations
@@ -35,10 +43,11 @@ import difflib
 import hashlib
 import itertools
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
@@ -46,7 +55,16 @@ from tqdm import tqdm
 from branchnet.data.dataset import Split
 from branchnet.errors import BranchnetError
 
-__all__ = ["Tap", "TapError", "extract", "layer_names", "module_fingerprint", "tap"]
+__all__ = [
+    "MultiTap",
+    "Tap",
+    "TapError",
+    "extract",
+    "extract_many",
+    "layer_names",
+    "module_fingerprint",
+    "tap",
+]
 
 _MAX_LISTED_NAMES = 40
 
@@ -128,6 +146,53 @@ def _copy(t: torch.Tensor) -> torch.Tensor:
         return t.detach().clone()
 
 
+def _is_array(x: object) -> bool:
+    return isinstance(x, (torch.Tensor, np.ndarray))
+
+
+def _num_rows(x: Any) -> int:
+    """Rows of a batch: ``shape[0]`` of a tensor or array, else ``len(x)`` (e.g. texts)."""
+    return int(x.shape[0]) if _is_array(x) else len(x)
+
+
+def _to_model(model: nn.Module, x: Any) -> Any:
+    """A tensor or array as a tensor on the model's device; any other batch as it is."""
+    if not _is_array(x):
+        return x
+    x = torch.as_tensor(x)
+    device = _model_device(model)
+    return x if device is None else x.to(device)
+
+
+def _hooked(model: nn.Module, modules: dict[str, nn.Module], x: Any) -> dict[str, torch.Tensor]:
+    """One frozen forward of ``model`` on ``x`` with a hook copying each layer's output; every
+    layer must run exactly once."""
+    x = _to_model(model, x)
+    captured: dict[str, list[torch.Tensor]] = {layer: [] for layer in modules}
+
+    def hook_for(layer: str) -> Callable[[nn.Module, Any, Any], None]:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            captured[layer].append(_copy(_first_tensor(output, layer)))
+
+        return hook
+
+    handles = [m.register_forward_hook(hook_for(layer)) for layer, m in modules.items()]
+    try:
+        with _frozen(model):
+            model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    for layer, outputs in captured.items():
+        if len(outputs) != 1:
+            why = "never called" if not outputs else f"called {len(outputs)} times"
+            raise TapError(
+                f"layer {layer!r} was {why} during the forward pass; "
+                "tap a layer that runs exactly once per forward"
+            )
+    return {layer: outputs[0] for layer, outputs in captured.items()}
+
+
 class _TapTracer(torch.fx.Tracer):
     """fx tracer that traces only into the tapped layer's ancestors.
 
@@ -175,8 +240,9 @@ def _truncated_graph(model: nn.Module, layer: str) -> torch.fx.GraphModule:
 class Tap:
     """A callable that returns the output of ``layer`` of ``model`` for an input batch.
 
-    Build it with :func:`tap`. ``Tap(x)`` moves ``x`` to the model's device and returns the
-    activations there; the model is put in eval mode for the call and restored afterwards.
+    Build it with :func:`tap`. ``Tap(x)`` moves a tensor ``x`` to the model's device (any other
+    batch, e.g. texts, is passed as it is) and returns the activations on that device; the model
+    is put in eval mode for the call and restored afterwards.
     With ``truncate=True`` the fx graph is built once, here, and shares the model's submodules
     (so later weight updates are seen, but replacing a submodule needs a new Tap).
     """
@@ -192,33 +258,52 @@ class Tap:
         mode = "truncated" if self.truncate else "hooked"
         return f"Tap({type(self.model).__name__}, {self.layer!r}, {mode})"
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch.as_tensor(x)
-        device = _model_device(self.model)
-        if device is not None:
-            x = x.to(device)
-        if self._graph is not None:
-            with _frozen(self.model):
-                return _copy(_first_tensor(self._graph(x), self.layer))
+    def __call__(self, x: Any) -> torch.Tensor:
+        if self._graph is None:
+            return _hooked(self.model, {self.layer: self.module}, x)[self.layer]
+        x = _to_model(self.model, x)
+        with _frozen(self.model):
+            return _copy(_first_tensor(self._graph(x), self.layer))
 
-        captured: list[torch.Tensor] = []
 
-        def hook(module: nn.Module, args: Any, output: Any) -> None:
-            captured.append(_copy(_first_tensor(output, self.layer)))
+class MultiTap:
+    """A callable that returns ``{layer: output}`` for several layers of ``model`` from one
+    forward pass (forward hooks, as :class:`Tap` with ``truncate=False``).
 
-        handle = self.module.register_forward_hook(hook)
-        try:
-            with _frozen(self.model):
-                self.model(x)
-        finally:
-            handle.remove()
-        if len(captured) != 1:
-            why = "never called" if not captured else f"called {len(captured)} times"
-            raise TapError(
-                f"layer {self.layer!r} was {why} during the forward pass; "
-                "tap a layer that runs exactly once per forward"
-            )
-        return captured[0]
+    Each layer must run exactly once per forward; outputs are copies, on the model's device,
+    in the order of ``layers``. Duplicate names are a ``ValueError``, unknown ones a
+    :class:`TapError`, both raised here.
+
+    >>> import torch
+    >>> from torch import nn
+    >>> net = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    >>> t = MultiTap(net, ["2", "0"])
+    >>> out = t(torch.randn(5, 4))
+    >>> list(out), out["0"].shape, out["2"].shape
+    (['2', '0'], torch.Size([5, 3]), torch.Size([5, 2]))
+    >>> MultiTap(net, ["0", "0"])
+    Traceback (most recent call last):
+    ...
+    ValueError: duplicate layers in ['0', '0']: 0
+    """
+
+    def __init__(self, model: nn.Module, layers: Sequence[str]) -> None:
+        if isinstance(layers, str):
+            raise TypeError(f"layers must be a sequence of layer names, not the str {layers!r}")
+        self.layers = list(layers)
+        if not self.layers:
+            raise ValueError("a MultiTap needs at least one layer")
+        dups = sorted({name for name in self.layers if self.layers.count(name) > 1}, key=str)
+        if dups:
+            raise ValueError(f"duplicate layers in {self.layers}: {', '.join(map(str, dups))}")
+        self.modules = {layer: _resolve(model, layer) for layer in self.layers}
+        self.model = model
+
+    def __repr__(self) -> str:
+        return f"MultiTap({type(self.model).__name__}, {self.layers!r})"
+
+    def __call__(self, x: Any) -> dict[str, torch.Tensor]:
+        return _hooked(self.model, self.modules, x)
 
 
 def tap(model: nn.Module, layer: str, *, truncate: bool = False) -> Tap:
@@ -238,7 +323,7 @@ def tap(model: nn.Module, layer: str, *, truncate: bool = False) -> Tap:
 def extract(
     model: nn.Module | Tap,
     layer: str | None,
-    x: torch.Tensor | Split,
+    x: Any,
     *,
     batch_size: int = 1024,
     truncate: bool = False,
@@ -247,9 +332,10 @@ def extract(
 ) -> torch.Tensor:
     """Activations of ``layer`` for all rows of ``x``, computed in batches, on the CPU.
 
-    ``x`` is a tensor ``[N, ...]`` or a :class:`~branchnet.data.Split` (its ``x`` is used).
-    Returns ``[N, *layer_shape]`` in ``dtype`` (default float32). ``model`` may also be a ready
-    :class:`Tap` (then ``layer`` and ``truncate`` are ignored).
+    ``x`` is a tensor ``[N, ...]``, a :class:`~branchnet.data.Split` (its ``x`` is used) or any
+    other batch of ``N`` rows with ``len()`` and slicing (e.g. texts), whose slices are passed
+    to the model as they are. Returns ``[N, *layer_shape]`` in ``dtype`` (default float32).
+    ``model`` may also be a ready :class:`Tap` (then ``layer`` and ``truncate`` are ignored).
 
     >>> import torch
     >>> from torch import nn
@@ -259,23 +345,88 @@ def extract(
     (torch.Size([100, 8]), torch.float16)
     """
     t = model if isinstance(model, Tap) else tap(model, str(layer), truncate=truncate)
+    return _collect(lambda chunk: {t.layer: t(chunk)}, x, batch_size, progress, dtype,
+                    f"tap {t.layer}")[t.layer]
+
+
+def extract_many(
+    model: nn.Module | MultiTap,
+    layers: Sequence[str] | None,
+    x: Any,
+    *,
+    batch_size: int = 1024,
+    progress: bool = False,
+    dtype: torch.dtype | None = None,
+) -> dict[str, torch.Tensor]:
+    """Activations of several ``layers`` for all rows of ``x``, from one forward pass per
+    batch: ``{layer: [N, *layer_shape]}`` on the CPU, as :func:`extract` gives each.
+
+    ``model`` may also be a ready :class:`MultiTap` (then ``layers`` is ignored).
+
+    >>> import torch
+    >>> from torch import nn
+    >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    >>> x = torch.randn(10, 4)
+    >>> h = extract_many(net, ["0", "2"], x, batch_size=4)
+    >>> torch.equal(h["2"], extract(net, "2", x)), h["0"].shape
+    (True, torch.Size([10, 8]))
+    """
+    t = model if isinstance(model, MultiTap) else MultiTap(model, layers or [])
+    desc = f"tap {t.layers[0]}" if len(t.layers) == 1 else f"tap {len(t.layers)} layers"
+    return _collect(t, x, batch_size, progress, dtype, desc)
+
+
+def _collect(
+    call: Callable[[Any], dict[str, torch.Tensor]],
+    x: Any,
+    batch_size: int,
+    progress: bool,
+    dtype: torch.dtype | None,
+    desc: str,
+) -> dict[str, torch.Tensor]:
+    """The outputs of ``call`` over all batches of ``x``, each stacked on the CPU in ``dtype``."""
     if isinstance(x, Split):
         x = x.x
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     dtype = dtype or torch.float32
-    n = int(x.shape[0])
-    out: torch.Tensor | None = None
-    with tqdm(total=n, unit="row", desc=f"tap {t.layer}", disable=not progress) as bar:
+    n = _num_rows(x)
+    out: dict[str, torch.Tensor] = {}
+    for start, outputs in _batch_outputs(call, x, batch_size, progress=progress, desc=desc):
+        for layer, h in outputs.items():
+            h = h.to("cpu", dtype)
+            if layer not in out:
+                out[layer] = torch.empty((n, *h.shape[1:]), dtype=dtype)
+            out[layer][start : start + len(h)] = h
+    return out
+
+
+def _check_batch_size(batch_size: int) -> None:
+    """Raise ``ValueError`` unless ``batch_size`` is a positive int."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
+
+
+def _batch_outputs(
+    call: Callable[[Any], dict[str, torch.Tensor]],
+    x: Any,
+    batch_size: int,
+    *,
+    progress: bool = False,
+    desc: str = "tap",
+) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+    """``(start, call(x[start : start + batch_size]))`` for each batch of ``x``, each output
+    checked to have one row per input row, with a progress bar over the rows.
+
+    An ``x`` without rows gives one empty batch, so that the layers' output shapes are known.
+    """
+    _check_batch_size(batch_size)
+    n = _num_rows(x)
+    with tqdm(total=n, unit="row", desc=desc, disable=not progress) as bar:
         for start in range(0, max(n, 1), batch_size):
             chunk = x[start : start + batch_size]
-            h = _check_rows(t(chunk), len(chunk), t.layer).to("cpu", dtype)
-            if out is None:
-                out = torch.empty((n, *h.shape[1:]), dtype=dtype)
-            out[start : start + len(h)] = h
-            bar.update(len(h))
-    assert out is not None
-    return out
+            rows = _num_rows(chunk)
+            outputs = call(chunk)
+            yield start, {layer: _check_rows(h, rows, layer) for layer, h in outputs.items()}
+            bar.update(rows)
 
 
 def _check_rows(h: torch.Tensor, rows: int, layer: str) -> torch.Tensor:
