@@ -10,6 +10,7 @@ code now says (then commit the regenerated file).
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,14 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "vbranch": {"name": "vb", "data": {"source": "digits", "max_per_class": 30},
                 "model": {"kind": "mlp", "sizes": ["auto", 16], "branches": 2, "shared_frac": 0.5},
                 "train": TINY_TRAIN, "progress": False},
+    "tree-text": {"name": "text", "data": {"source": "train.jsonl", "test_source": "test.jsonl",
+                                          "group_column": "group", "val_fraction": 0.4},
+                  "hierarchy": "groups",
+                  "parent": {"model": {"kind": "transformer", "source": "tiny"}, "tap": "layer.0",
+                             "train": TINY_TRAIN},
+                  "tree": {"head_train": TINY_TRAIN}, "progress": False},
+    "probe": {"name": "probe", "data": {"source": "train.jsonl", "test_source": "test.jsonl"},
+              "parent": {"model": {"kind": "transformer", "source": "tiny"}}, "progress": False},
     "plastic": {"name": "pl", "data": {"source": "digits", "max_per_class": 30},
                 "model": {"kind": "mlp", "sizes": ["auto", 16]},
                 "sparsity": {"rule": "rigl", "density": 0.2}, "train": TINY_TRAIN,
@@ -48,9 +57,10 @@ FIT_CASES: list[tuple[str, list[str], str]] = [
     ("tree", ["parnet.tap=x"], "unknown config key 'parnet'; valid keys here"),
     ("tree", ["tree.polcy=soft"], "unknown config key 'tree.polcy'"),
     ("tree", ["tree.policy=greedy"], "tree.policy must be one of ['hard', 'threshold', 'soft', 'topk']"),
-    ("tree", ["tree.score=confidence"], "tree.score must be one of ['msp', 'margin', 'entropy']"),
+    ("tree", ["tree.score=confidence"], "must be one of ['msp', 'margin', 'entropy', 'selfcheck']"),
     ("tree", ["parent.tap=hidden.7"], "parent.tap must be a layer of the parent, got 'hidden.7'"),
-    ("tree", ["parent.model.kind=transformer"], "parent.model.kind must be one of ['cnn', 'mlp']"),
+    ("tree", ["parent.model.kind=alexnet"], "kind must be one of ['cnn', 'mlp', 'transformer']"),
+    ("tree", ["parent.model={kind: transformer, source: tiny}"], "kind 'transformer' needs text"),
     ("tree", ["parent.model.widht=3"], "parent.model: unknown option(s) ['widht']"),
     ("tree", ["parent.model={kind: mlp, sizes: [auto, 0]}"], "parent.model: cannot build mlp"),
     ("tree", ["parent.weights=missing.safetensors"], "parent.weights must be an existing"),
@@ -93,11 +103,42 @@ FIT_CASES: list[tuple[str, list[str], str]] = [
     ("plastic", ["sparsity.distribution=lognormal"], "sparsity.distribution must be one of"),
     ("plastic", ["paths.mode=dynamic"], "paths.mode must be one of"),
     ("plastic", ["task=paths", "paths.widths=[4, 0]"], "paths.widths[1] must be a positive whole"),
+    # on texts (files written by _text_files in the config's folder)
+    ("tree-text", ["parent.model.source=nowhere"], "source must be an existing Hugging Face model"),
+    ("tree-text", ["parent.model.source=pickled-model"], "has only pickled weights (pytorch_model.bin)"),
+    ("tree-text", ["parent.model.source=no-tokenizer"], "has no tokenizer"),
+    ("tree-text", ["parent.tap=layer.9"], "'layer.9'; its layers are ['embeddings', 'layer.0', 'layer.1']"),
+    ("tree-text", ["parent.model.pooling=max"], "must be one of ['cls', 'mean', 'last'], got 'max'"),
+    ("tree-text", ["parent.model.max_length=1000"], "max_length must be an integer in [2, 256]"),
+    ("tree-text", ["parent.model={kind: mlp}"], "kind 'mlp' needs tensor inputs, but the data is text"),
+    ("tree-text", ["data.label_column=section"], "no column 'section'; the row has columns"),
+    ("tree-text", ["data.source=empty-text.jsonl"], "line 1: column 'text' is empty"),
+    ("tree-text", ["data.source=number-text.jsonl"], "not a string"),
+    ("tree-text", ["data.group_column=null"], "hierarchy: groups needs data with a group column"),
+    ("tree-text", ["data.test_source=missing.jsonl"], "data.test_source must be an existing file"),
+    ("tree-text", ["parent.weights=train.jsonl"], "parent.weights must be null for a transformer parent"),
+    ("tree-text", ["tree.selfcheck.fraction=1"], "tree.selfcheck.fraction must be a number in (0, 1)"),
+    ("probe", ["layers=[layer.9]"], "layers must be taps of the parent, got ['layer.9']"),
+    ("probe", ["targets=[sections]"], "targets"),
 ]
 
 
+def _text_files(folder: Path) -> None:
+    """The data and model folders the text cases name, in the folder of their config."""
+    rows = [{"text": f"text number {i}", "label": "ab"[i % 2], "group": "g"} for i in range(20)]
+    (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:6]))
+    (folder / "empty-text.jsonl").write_text(json.dumps({"text": " ", "label": "a", "group": "g"}) + "\n")
+    (folder / "number-text.jsonl").write_text(json.dumps({"text": 7, "label": "a", "group": "g"}) + "\n")
+    for name, files in (("pickled-model", ["config.json", "pytorch_model.bin", "vocab.txt"]),
+                        ("no-tokenizer", ["config.json", "model.safetensors"])):
+        (folder / name).mkdir()
+        for f in files:
+            (folder / name / f).write_text("{}")
+
+
 def _fit_argv(kind: str, change: list[str], config: Path, out: Path) -> list[str]:
-    argv = [kind, "fit", str(config), "--out", str(out)]
+    argv = [kind.split("-")[0], "fit", str(config), "--out", str(out)]
     if change[0] == "--seed":
         return argv + change
     for item in change:
@@ -173,12 +214,15 @@ def _cell(text: str) -> str:
 def test_every_bad_input_is_one_line_before_any_work(tmp_path: Path, finished_tree: Path) -> None:
     rows: dict[str, list[tuple[str, str]]] = {}
     configs = {k: write_config(tmp_path / f"{k}.yaml", c) for k, c in CONFIGS.items()}
+    _text_files(tmp_path)
     for i, (kind, change, expected) in enumerate(FIT_CASES):
         out = tmp_path / f"runs-{i}"
         message = _check(_fit_argv(kind, change, configs[kind], out), expected, out)
         what = " ".join(change) if change[0] == "--seed" else " ".join(f"--set {c}" for c in change)
-        rows.setdefault(f"branchnet {kind} fit CONFIG", []).append(
-            (f"`{what}`", _normalise(message, tmp_path)))
+        command, _, variant = kind.partition("-")
+        config = f"{variant.upper()}_CONFIG" if variant else "CONFIG"
+        rows.setdefault(f"branchnet {command} fit {config}", []).append(
+            (f"`{what}`", _normalise(message.replace(str(tmp_path), "DIR"))))
     unfinished = Run.create(tmp_path / "unfinished-runs", "unfinished")
     for what, argv, expected in _other_cases(tmp_path, finished_tree, unfinished):
         message = _check(argv, expected)
@@ -191,7 +235,8 @@ def test_every_bad_input_is_one_line_before_any_work(tmp_path: Path, finished_tr
              "no traceback (`branchnet --debug ...` shows one), and, for `fit`, before any work: no "
              "run folder is created. `DIR`, `RUN` (a finished tree run) and `UNFINISHED` (a run "
              "that never finished) stand for folders of the test. CONFIG is a small valid "
-             "config of the kind (`tests/test_errors_doc.py` has them).", "",
+             "config of the kind, TEXT_CONFIG one on a text file with a tiny transformer parent "
+             "(`tests/test_errors_doc.py` has them).", "",
              f"{n} cases.", ""]
     for section, items in rows.items():
         lines += [f"## {section}", "", "| input | message |", "|---|---|"]
@@ -243,7 +288,8 @@ def test_shipped_configs_pass_their_schema() -> None:
     from branchnet import kinds
     from branchnet.config import read_yaml
 
-    prefixes = {"vbranch": "vbranch", "plastic": "plastic", "specialization": "model"}
+    prefixes = {"vbranch": "vbranch", "plastic": "plastic", "specialization": "model",
+                "probe": "probe"}
     for path in sorted((ROOT / "configs").glob("*.yaml")):
         kind = next((k for p, k in prefixes.items() if path.name.startswith(p)), "tree")
         kinds.get(kind).schema.model_validate(read_yaml(path))

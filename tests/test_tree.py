@@ -730,7 +730,7 @@ def test_bad_head_factories(tree: BranchTree, tmp_path: Path, data: Data) -> Non
 
 
 def test_predict_bad_inputs(tree: BranchTree, data: Data) -> None:
-    with pytest.raises(TreeError, match=r"shape \(7,\) but the tree was fitted on \(8,\)"):
+    with pytest.raises(TreeError, match=r"shape \(7,\) but the tree was fitted on inputs of shape \(8,\)"):
         tree.predict(data.test.x[:, :7])
     with pytest.raises(TreeError, match="fitted on"):
         tree.predict(data.test.x.view(-1, 2, 4))

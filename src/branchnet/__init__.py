@@ -5,7 +5,18 @@
 ['animals', 'vehicles']
 """
 
-from branchnet import analysis, data, engine, metrics, models, plastic, selective, virtual
+from branchnet import (
+    analysis,
+    data,
+    engine,
+    metrics,
+    models,
+    plastic,
+    selective,
+    selfcheck,
+    text,
+    virtual,
+)
 from branchnet._version import __version__ as __version__
 from branchnet.cache import ActivationCache, CachedActivations
 from branchnet.data.hierarchy import Hierarchy
@@ -31,6 +42,8 @@ __all__ = [
     "models",
     "plastic",
     "selective",
+    "selfcheck",
     "tap",
+    "text",
     "virtual",
 ]

@@ -7,7 +7,7 @@
     branchnet KIND fit --resume RUN          continue an interrupted run where it stopped
     branchnet KIND eval RUN [--split test]   re-evaluate a run's saved model
     branchnet KIND compare RUN [RUN ...]     mean ± std of finished runs (e.g. seeds)
-    branchnet tree predict RUN INPUT         route images / arrays through a saved tree
+    branchnet tree predict RUN INPUT         route images / arrays / texts through a saved tree
     branchnet vbranch oneshot --runs DIR --run RUN   20-way one-shot accuracy of an embedding run
     branchnet vbranch sweep CONFIG ...       K x shared_frac x bagging x seeds, then compare
     branchnet analyze specialization RUN     how a branched layer's units organise by branch
@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import copy
 import errno
+import gzip
 import json
 import sys
 import time
@@ -154,6 +155,30 @@ def cmd_compare(args: argparse.Namespace) -> int:
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
 
+def read_texts(arg: str, preprocessing: dict[str, Any]) -> tuple[Any, list[str]]:
+    """Texts for a text tree: a .txt file (one text per line), a .jsonl[.gz] file (its text
+    column), or else the argument itself as one text. Returns (Texts, names)."""
+    from branchnet.data import DataError, Texts
+
+    path = Path(arg)
+    if path.is_file() and path.suffix == ".txt":
+        lines = [t for t in path.read_text(encoding="utf-8").splitlines() if t.strip()]
+        return Texts(lines, where=str(path)), [f"{path.name}:{i + 1}" for i in range(len(lines))]
+    if path.is_file() and path.name.endswith((".jsonl", ".jsonl.gz")):
+        opener = gzip.open if path.suffix == ".gz" else open
+        column = preprocessing.get("text_column", "text")
+        texts = []
+        with opener(path, "rt", encoding="utf-8") as f:
+            for i, line in enumerate(f, 1):
+                if line.strip():
+                    row = json.loads(line)
+                    if not isinstance(row, dict) or column not in row:
+                        raise DataError(f"{path} line {i} has no column {column!r}")
+                    texts.append(row[column])
+        return Texts(texts, where=str(path)), [f"{path.name}:{i + 1}" for i in range(len(texts))]
+    return Texts([arg]), [arg if len(arg) <= 40 else arg[:37] + "..."]
+
+
 def read_inputs(path: Path, preprocessing: dict[str, Any]) -> tuple[Any, list[str]]:
     """Raw inputs from an image, a folder of images, or a .npy / .npz array, prepared like the
     training data. Returns (tensor, names)."""
@@ -183,7 +208,10 @@ def cmd_tree_predict(args: argparse.Namespace) -> int:
     from branchnet.tree.experiment import load_run_tree
 
     tree = load_run_tree(Run.open(args.run))
-    x, names = read_inputs(Path(args.input), tree.preprocessing_)
+    if tree.preprocessing_.get("layout") == "text":
+        x, names = read_texts(args.input, tree.preprocessing_)
+    else:
+        x, names = read_inputs(Path(args.input), tree.preprocessing_)
     pred = tree.predict(x)
     records = pred.to_records(k=args.top)
     if args.json:
@@ -358,7 +386,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      help="train the parent with DDP on N CPU processes")
     pr = tree.add_parser("predict", help="route inputs through a run's saved tree")
     pr.add_argument("run")
-    pr.add_argument("input", help="an image, a folder of images, or a .npy/.npz array")
+    pr.add_argument("input", help="an image, a folder of images, or a .npy/.npz array; for a "
+                    "tree on texts: a text, a .txt file (one per line) or a .jsonl[.gz] file")
     pr.add_argument("--top", type=int, default=1, help="also list the k most probable classes")
     pr.add_argument("--json", action="store_true", help="one JSON object per input")
     pr.set_defaults(func=cmd_tree_predict)

@@ -41,7 +41,7 @@ import yaml
 from matplotlib.figure import Figure
 
 from branchnet._version import __version__
-from branchnet.config import read_yaml, resolve_paths
+from branchnet.config import check_file, read_yaml, resolve_paths
 from branchnet.data import Data, load
 from branchnet.engine import FitResult, TrainConfig
 from branchnet.errors import ConfigError
@@ -83,6 +83,7 @@ class Experiment:
     def check(cls, cfg: dict[str, Any]) -> None:
         """Checks beyond the schema, before any work; by default that the data source exists."""
         check_source(cfg["data"]["source"])
+        check_file(cfg["data"].get("test_source"), "data.test_source", "file")
 
     # ---------------------------------------------------------------------- the steps
     def load_data(self) -> Data:
@@ -92,7 +93,9 @@ class Experiment:
                          seed=self.cfg["seed"] if d["split_seed"] is None else d["split_seed"],
                          normalize=d["normalize"], image_size=d["image_size"],
                          max_per_class=d["max_per_class"], label_set=d["label_set"],
-                         cache_dir=d["cache_dir"], progress=self.cfg["progress"])
+                         cache_dir=d["cache_dir"], progress=self.cfg["progress"],
+                         test_source=d["test_source"], text_column=d["text_column"],
+                         label_column=d["label_column"], group_column=d["group_column"])
         return self.data
 
     def train_config(self, section: dict[str, Any]) -> TrainConfig:

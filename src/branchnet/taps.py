@@ -74,12 +74,17 @@ class TapError(BranchnetError, ValueError):
 
 
 def layer_names(model: nn.Module) -> list[str]:
-    """Names of all submodules that can be tapped (``named_modules`` without the root ``""``).
+    """Names of all submodules that can be tapped (``named_modules`` without the root ``""``),
+    or, for a model that defines ``tap_names()`` (such as a text parent, whose taps are its
+    pooled hidden states), those names.
 
     >>> from torch import nn
     >>> layer_names(nn.Sequential(nn.Linear(2, 2), nn.Sequential(nn.ReLU())))
     ['0', '1', '1.0']
     """
+    names = getattr(model, "tap_names", None)
+    if callable(names):
+        return list(names())
     return [name for name, _ in model.named_modules() if name]
 
 
@@ -447,7 +452,9 @@ def module_fingerprint(model: nn.Module) -> str:
 
     Covers the class name, every submodule's name, type and ``extra_repr`` (so a ReLU swapped
     for a Tanh, or a changed conv stride, changes it), and every ``state_dict`` entry's name,
-    shape, dtype and bytes. Code changes inside ``forward`` are not seen.
+    shape, dtype and bytes. Code changes inside ``forward`` are not seen. A model that defines
+    ``tap_fingerprint()`` (a text parent: its transformer, tokenizer, pooling and max length,
+    not its trainable probe, which no tap reads) is identified by that instead.
 
     >>> import torch
     >>> from torch import nn
@@ -458,6 +465,9 @@ def module_fingerprint(model: nn.Module) -> str:
     >>> module_fingerprint(net) != before
     True
     """
+    custom = getattr(model, "tap_fingerprint", None)
+    if callable(custom):
+        return str(custom())
     h = hashlib.blake2b(digest_size=8)
     cls = type(model)
     h.update(f"{cls.__module__}.{cls.__qualname__}".encode())

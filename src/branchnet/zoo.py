@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from branchnet import models
-from branchnet.errors import ConfigError
+from branchnet.errors import BranchnetError, ConfigError
 from branchnet.text.parent import TextParent
 from branchnet.virtual import models as vmodels
 
@@ -122,6 +122,8 @@ def build(spec: Any, *, num_classes: int, input_shape: tuple[int, ...] | list[in
         torch.manual_seed(seed)
         try:
             return entry.builder(**args)
+        except BranchnetError:  # says what is wrong already (e.g. a model folder's problem)
+            raise
         except (ValueError, TypeError) as e:
             raise ConfigError(f"{where}: cannot build {spec['kind']} with {options}: {e}") from e
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ import torch
 from torch import nn
 
 from branchnet import models
+from branchnet.taps import module_fingerprint
 from branchnet.text.hub import ModelError, load_pretrained, resolve_model, sha256_of
 
 __all__ = ["POOLINGS", "PROBES", "Pooling", "TapPoint", "TextParent"]
@@ -120,6 +122,9 @@ class TextParent(nn.Module):
             forward call by length and pads each sub-batch only to its longest text (else
             every text is padded to ``max_length``).
         source: where the model came from (recorded in :attr:`spec`, to load it again).
+        memo: how many recent batches' hidden states to keep, so that evaluating the same
+            texts several times (predict, scores, calibration) runs the transformer once
+            (the transformer is frozen, so they cannot go stale); 0 turns it off.
     """
 
     def __init__(
@@ -137,6 +142,7 @@ class TextParent(nn.Module):
         batch_size: int = 32,
         dynamic_padding: bool = True,
         source: dict[str, Any] | None = None,
+        memo: int = 8,
     ) -> None:
         super().__init__()
         if pooling not in POOLINGS:
@@ -173,6 +179,8 @@ class TextParent(nn.Module):
         self.num_classes = num_classes
         self.probe = self._make_probe() if num_classes is not None else None
         self.source = dict(source or {})
+        self.memo = memo
+        self._memo: OrderedDict[tuple[str, ...], list[torch.Tensor]] = OrderedDict()
         self.tokenizer_fingerprint = _tokenizer_fingerprint(tokenizer)
 
     # ------------------------------------------------------------------------ construction
@@ -284,6 +292,14 @@ class TextParent(nn.Module):
         """The taps: the embedding output and every transformer layer's output, pooled."""
         return ["embeddings", *(f"layer.{i}" for i in range(len(self.layer)))]
 
+    def tap_fingerprint(self) -> str:
+        """What the taps depend on, for activation-cache keys: the transformer's weights and
+        structure, the tokenizer, pooling and max length (not the probe)."""
+        h = hashlib.blake2b(digest_size=8)
+        h.update(f"{module_fingerprint(self.backbone)}|{self.extra_repr()}|"
+                 f"{len(self.layer)}".encode())
+        return h.hexdigest()
+
     def train(self, mode: bool = True) -> TextParent:
         """Only the probe trains; the transformer stays in eval mode."""
         super().train(mode)
@@ -292,7 +308,7 @@ class TextParent(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"pooling={self.pooling.mode!r}, max_length={self.max_length}, "
-                f"tokenizer={self.tokenizer_fingerprint}, probe_layer={self.probe_layer!r}")
+                f"tokenizer={self.tokenizer_fingerprint}")
 
     # --------------------------------------------------------------------------- forward
     def _texts(self, texts: Sequence[str]) -> list[str]:
@@ -320,6 +336,10 @@ class TextParent(nn.Module):
     def hidden_states(self, texts: Sequence[str]) -> list[torch.Tensor]:
         """Pooled hidden states ``[N, H]`` of every layer (embeddings first), in input order."""
         texts = self._texts(texts)
+        key = tuple(texts)
+        if key in self._memo:
+            self._memo.move_to_end(key)
+            return [h.clone() for h in self._memo[key]]
         device = next(self.backbone.parameters()).device
         order = list(range(len(texts)))
         if self.dynamic_padding:
@@ -338,6 +358,10 @@ class TextParent(nn.Module):
                 rows = torch.tensor(idx)
                 for k, h in enumerate(res.hidden_states):
                     out[k][rows] = self.pooling(h, enc["attention_mask"]).float().cpu()
+        if self.memo > 0:
+            self._memo[key] = [h.clone() for h in out]
+            while len(self._memo) > self.memo:
+                self._memo.popitem(last=False)
         return out
 
     def forward(self, texts: Sequence[str]) -> torch.Tensor:

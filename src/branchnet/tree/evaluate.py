@@ -3,13 +3,17 @@
 :func:`evaluate` returns a JSON-able dict of metrics and a dict of matplotlib figures; the CLI
 and the demo write both into the run folder.
 
-* **end to end**: accuracy of the routed class on every input, coverage, selective risk and
+* **end to end**: accuracy and balanced accuracy (the mean per-class recall, for imbalanced
+  classes) of the routed class on every input, coverage, selective risk and
   accuracy on accepted inputs at the calibrated threshold, AURC / E-AURC of the tree's
   confidence, hierarchical precision / recall / F1 (HiClass definitions; a backed-off input
   predicts its group), NLL / Brier / ECE of the path probabilities.
 * **per branch, as Neural-Branching measured it**: each branch on the test inputs of its own
   classes (oracle routing): overall accuracy, inputs accepted at max softmax >= 0.96 and
   accuracy on them, the same at the calibrated threshold, and AURC.
+* **confidence scores compared** on the same answers (:func:`score_comparison`): AURC, E-AURC
+  and, calibrated on held-out data, the coverage at the target risk of ``msp``, ``margin``,
+  ``entropy`` and the self-check branch's score.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from typing import Any
 
 import torch
 from matplotlib.figure import Figure
+from sklearn.metrics import balanced_accuracy_score
 
 from branchnet import metrics, selective
 from branchnet.data.dataset import Split
@@ -72,8 +77,36 @@ def hierarchical_scores(pred: Prediction, y: torch.Tensor, tree: BranchTree) -> 
     return metrics.hierarchical_prf(pred_sets, true_sets, average="micro")
 
 
-def evaluate(tree: BranchTree, test: Split) -> tuple[dict[str, Any], dict[str, Figure]]:
-    """Metrics (JSON-able) and figures for a fitted, usually calibrated, tree on ``test``."""
+def score_comparison(tree: BranchTree, test: Split, calibration: Split | None = None,
+                     target_risk: float = 0.05, delta: float = 0.05) -> dict[str, dict[str, Any]]:
+    """Per confidence score of :meth:`BranchTree.confidence_scores`, on the tree's answers for
+    ``test``: AURC and E-AURC, and with ``calibration`` (data the tree did not fit) the SGR
+    threshold for ``target_risk`` at confidence ``1 - delta`` and its test coverage and risk."""
+    correct = tree.predict(test.x).leaf == test.y
+    scores = tree.confidence_scores(test.x)
+    cal = None
+    if calibration is not None:
+        cal = (tree.confidence_scores(calibration.x), tree.predict(calibration.x).leaf
+               == calibration.y)
+    out: dict[str, dict[str, Any]] = {}
+    for name, conf in scores.items():
+        rec: dict[str, Any] = {"aurc": selective.aurc(conf, correct),
+                               "eaurc": selective.eaurc(conf, correct)}
+        if cal is not None:
+            res = selective.sgr_threshold(cal[0][name], cal[1], target_risk=target_risk,
+                                          delta=delta)
+            m = selective.selective_metrics(conf, correct, res.threshold)
+            rec.update(target_risk=target_risk, delta=delta, feasible=bool(res.feasible),
+                       threshold=float(res.threshold), coverage=m["coverage"],
+                       selective_risk=m["selective_risk"])
+        out[name] = rec
+    return out
+
+
+def evaluate(tree: BranchTree, test: Split, calibration: Split | None = None
+             ) -> tuple[dict[str, Any], dict[str, Figure]]:
+    """Metrics (JSON-able) and figures for a fitted, usually calibrated, tree on ``test``;
+    ``calibration`` (held-out data) calibrates every score in the score comparison."""
     lay = tree._require_fit()
     pred = tree.predict(test.x)
     y = test.y
@@ -83,6 +116,7 @@ def evaluate(tree: BranchTree, test: Split) -> tuple[dict[str, Any], dict[str, F
     result: dict[str, Any] = {
         "n_test": len(test),
         "accuracy": float(correct.float().mean()),
+        "balanced_accuracy": float(balanced_accuracy_score(y.numpy(), pred.leaf.numpy())),
         "coverage": float(accepted.float().mean()),
         "accepted": int(accepted.sum()),
         "accuracy_on_accepted": float(correct[accepted].float().mean()) if accepted.any() else None,
@@ -100,7 +134,13 @@ def evaluate(tree: BranchTree, test: Split) -> tuple[dict[str, Any], dict[str, F
     }
     if pred.backoff:
         result["backed_off"] = int((pred.stop_level > 0).sum())
-    rc = selective.plot_risk_coverage({"tree": (conf, correct)})
+    cal = tree.calibration_
+    risk = {k: cal[k] for k in ("target_risk", "delta") if k in cal}
+    result["scores"] = score_comparison(tree, test, calibration, **risk)
+    scores = tree.confidence_scores(test.x)
+    rc = selective.plot_risk_coverage({"tree": (conf, correct),
+                                       **{f"{k} (path)": (v, correct) for k, v in scores.items()
+                                          if k != tree.confidence}})
     if tree.calibration_:
         ax = rc.axes[0]
         ax.axvline(result["coverage"], ls="--", color="gray",
@@ -143,6 +183,7 @@ def summary_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
     """Rows for the printed table: the tree end to end, then each branch."""
     rows = [{
         "model": "tree (end to end)", "n": result["n_test"], "accuracy": result["accuracy"],
+        "balanced_acc": result.get("balanced_accuracy"),
         "coverage": result["coverage"], "acc_on_accepted": result["accuracy_on_accepted"],
         "aurc": result["aurc"], "hF": result["hierarchical"]["hF"],
     }]
@@ -150,6 +191,7 @@ def summary_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
         at = b.get("at_calibrated", b["at_0.96"])
         rows.append({
             "model": f"branch {node}", "n": b["n_test"], "accuracy": b["overall_accuracy"],
+            "balanced_acc": None,
             "coverage": at["coverage"], "acc_on_accepted": at["accuracy_on_accepted"],
             "aurc": b["aurc"], "hF": None,
         })

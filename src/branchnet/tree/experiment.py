@@ -18,6 +18,7 @@ from matplotlib.figure import Figure
 from pydantic import Field
 from safetensors import SafetensorError
 from safetensors.torch import load_file
+from sklearn.metrics import balanced_accuracy_score
 
 from branchnet import metrics, models, zoo
 from branchnet.checkpoint import CheckpointError
@@ -47,8 +48,9 @@ from branchnet.tree.tree import HEAD_TRAIN_DEFAULTS, BranchTree, TreeError
 __all__ = ["TreeConfig", "TreeExperiment", "compare_runs", "resolve_hierarchy"]
 
 #: the parent networks a tree config may name
-PARENT_MODELS = {"mlp": "mlp", "cnn": "cnn"}
-BUILTIN_HIERARCHIES = ("cifar10", "cifar100")
+PARENT_MODELS = {"mlp": "mlp", "cnn": "cnn", "transformer": "transformer"}
+#: hierarchies named by a word: built-in class trees, or ``groups`` (the data's group column)
+BUILTIN_HIERARCHIES = ("cifar10", "cifar100", "groups")
 
 
 ParentTrain = with_defaults(TrainSection, epochs=20)
@@ -69,6 +71,13 @@ class HeadSection(Section):
     dropout: Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)] = 0.5
 
 
+class SelfCheckSection(Section):
+    target: Literal["tcp", "correct"] = "tcp"
+    fraction: OpenFraction = 0.2
+    hidden: Annotated[int, Field(ge=0)] = 128
+    dropout: Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)] = 0.1
+
+
 class TreeSection(Section):
     router: Literal["parent", "learned"] = "parent"
     node_input: Literal["parent", "branch"] = "parent"
@@ -80,6 +89,8 @@ class TreeSection(Section):
     head_train: HeadTrain = Field(default_factory=HeadTrain)  # type: ignore[valid-type]
     cache_dir: str | None = None
     cache_dtype: Literal["float16", "float32"] = "float16"
+    #: a self-check branch (needed by score: selfcheck); null for none
+    selfcheck: SelfCheckSection | None = None
 
 
 class CalibrationSection(Section):
@@ -105,10 +116,18 @@ class TreeConfig(Section):
     progress: bool = True
 
 
-def resolve_hierarchy(spec: Any, classes: list[str]) -> Hierarchy:
-    """The hierarchy a config names, bound to the data's classes."""
+def resolve_hierarchy(spec: Any, classes: list[str],
+                      groups: dict[str, list[str]] | None = None) -> Hierarchy:
+    """The hierarchy a config names, bound to the data's classes (``groups``: the data's
+    group column, for ``hierarchy: groups``)."""
     if spec is None:
         return Hierarchy.flat(classes)
+    if spec == "groups":
+        if not groups:
+            raise ConfigError("hierarchy: groups needs data with a group column "
+                              "(data.group_column), but this data has none")
+        return Hierarchy.from_dict({"root": [{g: list(c)} for g, c in groups.items()]}
+                                   ).bind(classes)
     if isinstance(spec, dict):
         return Hierarchy.from_dict(spec).bind(classes)
     if spec in BUILTIN_HIERARCHIES:
@@ -145,6 +164,14 @@ class TreeExperiment(Experiment):
         super().check(cfg)
         zoo.check_spec(cfg["parent"]["model"], PARENT_MODELS, where="parent.model")
         check_file(cfg["parent"]["weights"], "parent.weights", "safetensors file")
+        model = cfg["parent"]["model"]
+        if model.get("kind") == "transformer":
+            if cfg["parent"]["weights"]:
+                raise ConfigError("parent.weights must be null for a transformer parent (its "
+                                  f"probe is trained here), got {cfg['parent']['weights']!r}")
+            if model.get("source") != "tiny":
+                check_file(model.get("source"), "parent.model.source",
+                           "Hugging Face model folder or .zip of one")
         h = cfg["hierarchy"]
         if isinstance(h, str) and h not in BUILTIN_HIERARCHIES:
             check_file(h, "hierarchy", f"YAML file or one of {list(BUILTIN_HIERARCHIES)}")
@@ -157,7 +184,7 @@ class TreeExperiment(Experiment):
         super().setup()
         cfg, data = self.cfg, self.data
         assert data is not None
-        self.hierarchy = resolve_hierarchy(cfg["hierarchy"], data.classes)
+        self.hierarchy = resolve_hierarchy(cfg["hierarchy"], data.classes, data.groups)
         self.say("hierarchy  " + self.hierarchy.render().replace("\n", "\n           "))
         self.parent = self.build_parent(data)
         tap = cfg["parent"]["tap"]
@@ -174,15 +201,7 @@ class TreeExperiment(Experiment):
         n_out = len(data.classes) if p["labels"] == "fine" else len(self.hierarchy.children("root"))
         parent = zoo.build(p["model"], num_classes=n_out, input_shape=data.input_shape,
                            seed=self.cfg["seed"], aliases=PARENT_MODELS, where="parent.model")
-        if p["weights"]:
-            try:
-                parent.load_state_dict(load_file(p["weights"]))
-            except (SafetensorError, OSError) as e:
-                raise CheckpointError(f"parent.weights {p['weights']} is not a readable "
-                                      f"safetensors file: {e}") from e
-            except RuntimeError as e:
-                raise ConfigError(f"parent.weights {p['weights']} do not fit parent.model "
-                                  f"{p['model']}: {e}") from e
+        load_parent_weights(parent, p)
         return parent
 
     def make_tree(self, run: Run) -> BranchTree:
@@ -201,6 +220,8 @@ class TreeExperiment(Experiment):
             parent_labels=cfg["parent"]["labels"],
             head_train=self.train_config(t["head_train"]),
             workdir=run.work, cache_dir=t["cache_dir"], cache_dtype=t["cache_dtype"],
+            selfcheck=None if t["selfcheck"] is None else {
+                **t["selfcheck"], "train": {"seed": cfg["seed"]}},
             progress=cfg["progress"],
         )
 
@@ -213,7 +234,7 @@ class TreeExperiment(Experiment):
         c = cfg["calibration"]
         tree.calibrate(self.calibration, method=c["method"], target_risk=c["target_risk"],
                        delta=c["delta"], coverage=c["coverage"], threshold=c["threshold"])
-        result, self._figures = evaluate(tree, data.test)
+        result, self._figures = evaluate(tree, data.test, calibration=self.calibration)
         result["fit"] = tree.fit_summary_
         result["data"] = {"summary": data.summary(), "classes": data.classes}
         if cfg["baselines"]:
@@ -235,6 +256,13 @@ class TreeExperiment(Experiment):
 
     def report(self, rep: Report, run: Run, result: dict[str, Any]) -> None:
         rep.add_text(f"calibration: {result['calibration']}", muted=True)
+        if "truncation" in result["fit"]:
+            tr = result["fit"]["truncation"]["train"]
+            rep.add_text(f"texts longer than max_length {tr['max_length']} tokens, truncated: "
+                         f"{tr['truncated']} of {tr['texts']} training texts "
+                         f"({tr['fraction']:.1%}; the longest has {tr['longest']})")
+        rep.add_heading("Confidence scores on the tree's answers")
+        rep.add_table([{"score": k, **v} for k, v in result["scores"].items()])
         rep.add_heading("Hierarchy")
         rep.add_pre(self.hierarchy.render())
         rep.add_heading("Branches as Neural-Branching measured them (threshold 0.96)")
@@ -268,7 +296,8 @@ class TreeExperiment(Experiment):
                          f"(bound {cal['risk_bound']:.4f} on {cal['n_calibration']} held-out "
                          "calibration inputs)")
         acc = result["accuracy_on_accepted"]
-        lines.append(f"test: accuracy {result['accuracy']:.4f}; accepted {result['accepted']}/"
+        lines.append(f"test: accuracy {result['accuracy']:.4f} (balanced "
+                     f"{result['balanced_accuracy']:.4f}); accepted {result['accepted']}/"
                      f"{result['n_test']} ({result['coverage']:.1%}), accuracy on accepted "
                      + (f"{acc:.4f}" if acc is not None else "n/a")
                      + f"; hF {result['hierarchical']['hF']:.4f}")
@@ -276,11 +305,27 @@ class TreeExperiment(Experiment):
 
     def evaluate(self, run: Run, split: str) -> tuple[dict[str, Any], dict[str, Figure]]:
         tree = load_run_tree(run)
-        return evaluate(tree, self.load_data().splits()[split])
+        self.setup()  # the same data and calibration split as the run
+        return evaluate(tree, self.data.splits()[split], calibration=self.calibration)
 
     @classmethod
     def compare(cls, runs: list[Run]) -> str:
         return compare_runs([r.path for r in runs])
+
+
+def load_parent_weights(parent: torch.nn.Module, section: dict[str, Any]) -> None:
+    """Load a config's ``parent.weights`` (a safetensors file, if given) into ``parent``."""
+    weights = section.get("weights")
+    if not weights:
+        return
+    try:
+        parent.load_state_dict(load_file(weights))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"parent.weights {weights} is not a readable safetensors file: "
+                              f"{e}") from e
+    except RuntimeError as e:
+        raise ConfigError(f"parent.weights {weights} do not fit parent.model "
+                          f"{section['model']}: {e}") from e
 
 
 def load_run_tree(run: Run) -> BranchTree:
@@ -293,8 +338,9 @@ def load_run_tree(run: Run) -> BranchTree:
 
 def run_baselines(cfg: dict[str, Any], tree: BranchTree, data: Data, select: Split, run: Run,
                   train_cfg: TrainConfig) -> dict[str, Any]:
-    """Per branch: an MLP of the branch's size on raw inputs, and the flat parent on the same
-    classes (its probabilities summed per child group), both on the branch's test inputs."""
+    """Per branch: an MLP of the branch's size on raw inputs (not for texts), and the flat
+    parent on the same classes (its probabilities summed per child group), both on the
+    branch's test inputs; and the flat parent on all classes (accuracy, balanced accuracy)."""
     lay = tree.layout_
     out: dict[str, Any] = {}
     head_cfg, seed = cfg["tree"]["head"], cfg["seed"]
@@ -302,6 +348,8 @@ def run_baselines(cfg: dict[str, Any], tree: BranchTree, data: Data, select: Spl
         parent_probs = torch.softmax(tree.parent(data.test.x), dim=1)
     if cfg["parent"]["labels"] == "fine":
         out["parent_flat_accuracy"] = metrics.accuracy(parent_probs.argmax(1), data.test.y)
+        out["parent_flat_balanced_accuracy"] = float(balanced_accuracy_score(
+            data.test.y.numpy(), parent_probs.argmax(1).numpy()))
     for i, node in enumerate(lay.nodes):
         if i == 0 or lay.n_children[i] < 2:
             continue
@@ -310,17 +358,18 @@ def run_baselines(cfg: dict[str, Any], tree: BranchTree, data: Data, select: Spl
             slots = lay.slot_of_label(node, split.y)
             rows = torch.nonzero(slots >= 0).flatten()
             part[name] = (rows, split.x[rows], slots[rows])
-        torch.manual_seed(seed)
-        raw = models.mlp([int(np.prod(data.input_shape)), head_cfg["hidden"]], lay.n_children[i],
-                         dropout=head_cfg["dropout"])
-        fit(raw, TensorPairs(*part["train"][1:]), TensorPairs(*part["val"][1:]), train_cfg,
-            workdir=run.work / "baselines" / f"raw-{i:02d}", resume=True,
-            description=f"raw-input MLP for {node!r}")
         rows_te, x_te, s_te = part["test"]
-        with torch.inference_mode():
-            raw_acc = metrics.accuracy(raw.eval()(x_te).argmax(1), s_te)
-        rec: dict[str, Any] = {"raw_mlp_accuracy": raw_acc,
-                               "raw_mlp_parameters": models.num_parameters(raw)}
+        rec: dict[str, Any] = {}
+        if not data.train.is_text:
+            torch.manual_seed(seed)
+            raw = models.mlp([int(np.prod(data.input_shape)), head_cfg["hidden"]],
+                             lay.n_children[i], dropout=head_cfg["dropout"])
+            fit(raw, TensorPairs(*part["train"][1:]), TensorPairs(*part["val"][1:]), train_cfg,
+                workdir=run.work / "baselines" / f"raw-{i:02d}", resume=True,
+                description=f"raw-input MLP for {node!r}")
+            with torch.inference_mode():
+                rec["raw_mlp_accuracy"] = metrics.accuracy(raw.eval()(x_te).argmax(1), s_te)
+            rec["raw_mlp_parameters"] = models.num_parameters(raw)
         if cfg["parent"]["labels"] == "fine":
             # the parent's class probabilities summed per child of this node
             groups = torch.zeros(len(lay.classes), lay.n_children[i])
@@ -353,16 +402,28 @@ def compare_runs(run_dirs: list[str | Path]) -> str:
     lines = [f"{n} run(s): " + ", ".join(str(Path(p).name) for p in run_dirs), "",
              "| end to end | mean ± std |", "|---|---|"]
     for key, label in [("accuracy", "accuracy (routed class, all inputs)"),
+                       ("balanced_accuracy", "balanced accuracy (mean per-class recall)"),
                        ("coverage", "coverage at the calibrated threshold"),
                        ("accuracy_on_accepted", "accuracy on accepted"),
                        ("aurc", "AURC"), ("eaurc", "E-AURC")]:
         lines.append(f"| {label} | {_mean_std([r.get(key) for r in results])} |")
     lines.append(f"| hierarchical F1 | {_mean_std([r['hierarchical']['hF'] for r in results])} |")
     if all("baselines" in r for r in results):
-        lines.append("| flat parent accuracy (all classes) | "
-                     f"{_mean_std([r['baselines'].get('parent_flat_accuracy') for r in results])} |")
+        for key, label in (("parent_flat_accuracy", "flat parent accuracy (all classes)"),
+                           ("parent_flat_balanced_accuracy", "flat parent balanced accuracy")):
+            lines.append(f"| {label} | "
+                         f"{_mean_std([r['baselines'].get(key) for r in results])} |")
     lines.append(f"| calibrated threshold | "
                  f"{_mean_std([r['calibration'].get('threshold') for r in results])} |")
+    scores = [k for k in results[0].get("scores", {}) if all(k in r.get("scores", {})
+                                                             for r in results)]
+    if scores:
+        lines += ["", "| confidence score | AURC | E-AURC | coverage at the target risk | "
+                  "selective risk there |", "|---|---|---|---|---|"]
+        for k in scores:
+            cells = [_mean_std([r["scores"][k].get(m) for r in results])
+                     for m in ("aurc", "eaurc", "coverage", "selective_risk")]
+            lines.append(f"| {k} | " + " | ".join(cells) + " |")
     branches = list(results[0]["branches"])
     rows = [("overall accuracy", lambda b, r, n: b["overall_accuracy"]),
             ("accepted at 0.96 (fraction)", lambda b, r, n: b["at_0.96"]["coverage"]),

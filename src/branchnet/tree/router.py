@@ -4,7 +4,8 @@
 tapped layer, or the hidden layer of the branch above it), and routes each input down the tree:
 
 * ``hard``/``threshold``: at each node take the most probable child; the confidence at a level
-  is that node's local score (max softmax by default).
+  is that node's local score (max softmax by default), or, with the ``selfcheck`` score, the
+  output of a self-check branch on the parent's tap (one score for the whole answer).
 * ``soft``/``topk``: pick the leaf with the largest path probability P(leaf) = product of the
   probabilities along its path (HD-CNN style); the confidence at a level is the path
   probability so far.
@@ -26,7 +27,9 @@ from torch import nn
 from branchnet.tree.layout import TreeLayout
 
 POLICIES = ("hard", "threshold", "soft", "topk")
-SCORES = ("msp", "margin", "entropy")
+SCORES = ("msp", "margin", "entropy", "selfcheck")
+#: the scores computed from a node's child probabilities
+LOCAL_SCORES = ("msp", "margin", "entropy")
 
 
 class Tapped(nn.Module):
@@ -81,13 +84,17 @@ class TreeRouter(nn.Module):
         parent_groups: torch.Tensor | None,
         policy: str = "hard",
         score: str = "msp",
+        selfcheck: nn.Module | None = None,
     ):
         super().__init__()
         if policy not in POLICIES:
             raise ValueError(f"unknown routing policy {policy!r}; choose one of {list(POLICIES)}")
         if score not in SCORES:
             raise ValueError(f"unknown confidence score {score!r}; choose one of {list(SCORES)}")
+        if score == "selfcheck" and selfcheck is None:
+            raise ValueError("score='selfcheck' needs a trained self-check head (selfcheck=...)")
         self.parent = parent
+        self.selfcheck = selfcheck
         self.heads = nn.ModuleDict({str(i): h for i, h in heads.items()})
         self.sources = list(sources)
         self.root_from_parent = root_from_parent
@@ -106,6 +113,10 @@ class TreeRouter(nn.Module):
 
     def node_probs(self, x: torch.Tensor) -> torch.Tensor:
         """``[N, M, K]`` child probabilities at every internal node (0 in padding slots)."""
+        return self.probs_and_features(x)[0]
+
+    def probs_and_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`node_probs` and the parent's tapped features ``[N, D]``."""
         logits, feats = self.parent(x)
         hidden: dict[int, torch.Tensor] = {}
         probs = []
@@ -118,10 +129,21 @@ class TreeRouter(nn.Module):
                 hidden[i] = h
                 p = F.softmax(out, dim=1)
             probs.append(F.pad(p, (0, self.max_children - p.shape[1])))
-        return torch.stack(probs, dim=1)
+        return torch.stack(probs, dim=1), feats
+
+    def selfcheck_score(self, feats: torch.Tensor) -> torch.Tensor:
+        """``[N]`` the self-check branch's estimate, in [0, 1], that the answer is right."""
+        if self.selfcheck is None:
+            raise ValueError("this router has no self-check head")
+        return torch.sigmoid(self.selfcheck(feats).reshape(-1))
 
     def forward(self, x: torch.Tensor):
-        P = self.node_probs(x)
+        P, feats = self.probs_and_features(x)
+        check = self.selfcheck_score(feats) if self.score == "selfcheck" else None
+        return self.route(P, check)
+
+    def route(self, P: torch.Tensor, check: torch.Tensor | None = None):
+        """The routing outputs from node probabilities ``P`` (and self-check scores)."""
         N = P.shape[0]
         rows = torch.arange(N, device=P.device)
         # soft path probabilities of every leaf
@@ -145,7 +167,7 @@ class TreeRouter(nn.Module):
                 p = P[rows, cur]
                 j = p.argmax(dim=1)
                 nodes.append(torch.where(done, torch.full_like(cur, -1), cur))
-                confs.append(local_score(p, self.score))
+                confs.append(local_score(p, self.score) if check is None else check)
                 nxt_leaf = self.child_leaf[cur, j]
                 leaf = torch.where(~done & (nxt_leaf >= 0), nxt_leaf, leaf)
                 done = done | (nxt_leaf >= 0)

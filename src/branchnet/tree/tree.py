@@ -32,21 +32,23 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from branchnet import models
+from branchnet import models, zoo
 from branchnet.cache import ActivationCache, CachedActivations
 from branchnet.checkpoint import CheckpointError, load_weights, save_weights
 from branchnet.data.batches import TensorPairs
-from branchnet.data.dataset import Data, Split
+from branchnet.data.dataset import Data, Split, stratified_split
 from branchnet.data.hierarchy import Hierarchy
 from branchnet.data.imagefolder import default_cache_dir
+from branchnet.data.texts import Texts
 from branchnet.engine import TrainConfig, fit
 from branchnet.errors import BranchnetError
 from branchnet.fileio import read_json, write_json
 from branchnet.selective import coverage_threshold, sgr_threshold
+from branchnet.selfcheck import TARGETS, SelfCheckHead, fit_selfcheck, selfcheck_targets
 from branchnet.taps import layer_names
 from branchnet.tree.layout import TreeLayout
 from branchnet.tree.prediction import Prediction
-from branchnet.tree.router import POLICIES, SCORES, Tapped, TreeRouter
+from branchnet.tree.router import LOCAL_SCORES, POLICIES, SCORES, Tapped, TreeRouter, local_score
 
 HeadFactory = Callable[[int, int], nn.Module]
 FORMAT_VERSION = 1
@@ -63,13 +65,19 @@ class ConstantHead(nn.Module):
         return x.new_zeros(x.shape[0], 1)
 
 
-def _as_tensor(x: Any) -> torch.Tensor:
+def _as_inputs(x: Any) -> torch.Tensor | Texts:
+    """Inputs as a float tensor, or as :class:`Texts` for a list of strings."""
     if isinstance(x, Split):
         return x.x
+    if isinstance(x, Texts):
+        return x
+    if isinstance(x, (list, tuple)) and x and all(isinstance(t, str) for t in x):
+        return Texts(x)
     if isinstance(x, np.ndarray):
         return torch.from_numpy(np.ascontiguousarray(x)).float()
     if not isinstance(x, torch.Tensor):
-        raise TreeError(f"expected a tensor, array or Split of inputs, got {type(x).__name__}")
+        raise TreeError(f"expected a tensor, array, list of texts or Split of inputs, got "
+                        f"{type(x).__name__}")
     return x.float()
 
 
@@ -95,12 +103,12 @@ def _fit_inputs(X: Any, y: Any, val: Any, classes: list[str] | None,
             raise TreeError(f"fit got inputs X ({type(X).__name__}) without labels y: pass "
                             "fit(X, y), or a Data or a Split")
         labels, classes = _labels(y, classes)
-        train = Split(_as_tensor(X), labels)
+        train = Split(_as_inputs(X), labels)
     else:
         raise TreeError(f"fit expects a Data, a Split, or inputs X (array or tensor) with labels "
                         f"y; got {type(X).__name__}")
     if isinstance(val, tuple) and len(val) == 2:
-        val = Split(_as_tensor(val[0]), _labels(val[1], classes)[0])
+        val = Split(_as_inputs(val[0]), _labels(val[1], classes)[0])
     if val is not None and not isinstance(val, Split):
         raise TreeError(f"val must be a Split or an (X, y) pair, got {type(val).__name__}")
     if classes is None:
@@ -126,9 +134,11 @@ def _labels(y: Any, classes: list[str] | None) -> tuple[torch.Tensor, list[str] 
     return torch.tensor([index[n] for n in names], dtype=torch.long), classes
 
 
-def _row_hashes(x: torch.Tensor) -> np.ndarray:
-    """A 64-bit blake2b hash of each input row's float32 bytes."""
-    rows = _as_tensor(x).detach().cpu().contiguous().flatten(1).numpy()
+def _row_hashes(x: torch.Tensor | Texts) -> np.ndarray:
+    """A 64-bit blake2b hash of each input row's float32 bytes (of each text's UTF-8)."""
+    x = _as_inputs(x)
+    rows = ([t.encode() for t in x] if isinstance(x, Texts)
+            else x.detach().cpu().contiguous().flatten(1).numpy())
     return np.frombuffer(b"".join(hashlib.blake2b(r, digest_size=8).digest() for r in rows),
                          dtype=np.uint64)
 
@@ -175,7 +185,17 @@ class BranchTree:
             (default ``workdir/cache`` for a parent trained here, so also temporary without a
             workdir; ``$BRANCHNET_CACHE_DIR/activations`` for a pretrained one, so every run on
             the same parent, layer and data reuses it).
+        selfcheck: train a self-check branch (``{}`` for the defaults, or a dict of
+            :data:`SELFCHECK_DEFAULTS`' keys): it reads the parent's tap and predicts whether
+            the tree's answer is right, trained on ``fraction`` of the training rows that the
+            parent and heads never see (``target``: ``"tcp"``, the probability the tree gives
+            the true class, as ConfidNet, or ``"correct"``). Needed by ``confidence="selfcheck"``
+            (then ``{}`` is assumed); :meth:`confidence_scores` compares it with the others.
         progress: progress bars while caching activations and training.
+
+    A parent with attributes ``probe`` (an ``nn.Module``) and ``probe_layer`` (one of its taps),
+    such as :class:`~branchnet.text.TextParent`, is a frozen backbone: "training the parent"
+    trains only its probe, on the cached activations of ``probe_layer``.
     """
 
     def __init__(
@@ -196,6 +216,7 @@ class BranchTree:
         parent_labels: str = "fine",
         head_train: TrainConfig | dict | None = None,
         head_callbacks: Callable[[str], list[Any]] | None = None,
+        selfcheck: dict[str, Any] | None = None,
         workdir: str | Path | None = None,
         cache_dir: str | Path | None = None,
         cache_dtype: str = "float16",
@@ -234,7 +255,9 @@ class BranchTree:
         self.workdir = workdir
         self.cache_dir = cache_dir
         self.cache_dtype = cache_dtype
+        self.selfcheck = selfcheck
         self.progress = progress
+        self._selfcheck_options()  # checked here, before any work
 
     def get_params(self, deep: bool = True) -> dict[str, Any]:
         """The constructor arguments as given (``deep`` only for scikit-learn compatibility:
@@ -283,6 +306,10 @@ class BranchTree:
         hier = hier or Hierarchy.flat(classes)
         layout = TreeLayout(hier, classes)
         layout.hierarchy.check_labels(train.y.tolist(), classes)
+        sc = self._selfcheck_options()
+        held = None
+        if sc is not None:  # rows for the self-check only: the parent and heads never see them
+            train, held = train.split(sc["fraction"], seed=head_train.seed)
         if val is None:  # a stratified tenth of the training split, for early stopping
             train, val = train.split(0.1, seed=head_train.seed)
         layout.hierarchy.check_labels(val.y.tolist(), classes)
@@ -292,6 +319,7 @@ class BranchTree:
                     raise TreeError(f"node {node!r} has no {name} examples (classes "
                                     f"{layout.hierarchy.leaves_under(node)}); every node needs both")
         vars(self).pop("router_", None)  # not fitted until this fit completes
+        self.selfcheck_: SelfCheckHead | None = None
         self.classes_, self.layout_, self.hierarchy_ = list(classes), layout, layout.hierarchy
         self.preprocessing_ = dict(preprocessing)
         self.input_shape_ = tuple(train.x.shape[1:])
@@ -303,28 +331,44 @@ class BranchTree:
         n_parent_out = len(classes) if self.parent_labels == "fine" else layout.n_children[0]
         if self.train_parent or self.router == "parent":
             self._check_parent_output(train.x[:2], n_parent_out)
-        if self.train_parent:
+        targets = train.y if self.parent_labels == "fine" else layout.leaf_slots[train.y, 0]
+        vtargets = val.y if self.parent_labels == "fine" else layout.leaf_slots[val.y, 0]
+        probe = _probe_of(self.parent) if self.train_parent else None
+        if self.train_parent and probe is None:
             self.parent.train().requires_grad_(True)
-            targets = train.y if self.parent_labels == "fine" else layout.leaf_slots[train.y, 0]
-            vtargets = val.y if self.parent_labels == "fine" else layout.leaf_slots[val.y, 0]
             res = fit(self.parent, TensorPairs(train.x, targets), TensorPairs(val.x, vtargets),
                       parent_train, workdir=workdir / "parent", resume=resume,
                       description="parent")
             summary["parent"] = _fit_brief(res)
         self.parent.eval().requires_grad_(False)
+        if hasattr(self.parent, "truncation"):  # texts cut at the parent's max_length
+            summary["truncation"] = {"train": self.parent.truncation(train.x),
+                                     "val": self.parent.truncation(val.x)}
 
-        # 2. the activation cache (frozen parent, eval mode, no grad)
+        # 2. the activation cache (frozen parent, eval mode, no grad), all taps in one pass
         # a pretrained parent's activations are shared by every run that uses it; a parent
         # trained here is unique to this run, so its activations stay in the run's folder
-        default_cache = default_cache_dir() / "activations" if not self.train_parent else (
-            workdir / "cache")
+        pretrained = not self.train_parent or probe is not None
+        default_cache = (default_cache_dir() / "activations" if pretrained
+                         else workdir / "cache")
         cache = ActivationCache(Path(self.cache_dir) if self.cache_dir else default_cache,
                                 dtype=getattr(torch, self.cache_dtype))
-        acts = {
-            name: cache.get(self.parent, self.tap, split, preprocessing=self.preprocessing_,
-                            progress=self.progress)
+        layers = list(dict.fromkeys([self.tap, *([probe[1]] if probe else [])]))
+        cached = {
+            name: cache.get_many(self.parent, layers, split, preprocessing=self.preprocessing_,
+                                 progress=self.progress)
             for name, split in (("train", train), ("val", val))
         }
+        if probe is not None:  # a frozen backbone: only its probe trains, on cached features
+            module, layer = probe
+            module.train().requires_grad_(True)
+            res = fit(module, cached["train"][layer].dataset(targets, flatten=True),
+                      cached["val"][layer].dataset(vtargets, flatten=True), parent_train,
+                      workdir=workdir / "parent", resume=resume,
+                      description=f"probe on {layer}")
+            summary["parent"] = {**_fit_brief(res), "probe_layer": layer}
+            self.parent.eval().requires_grad_(False)
+        acts = {name: c[self.tap] for name, c in cached.items()}
         in_dim = int(np.prod(acts["train"].shape[1:]))
         summary["tap_dim"] = in_dim
 
@@ -367,9 +411,72 @@ class BranchTree:
                                           "n_val": len(node_data["val"]), **_fit_brief(res)}
             head.eval().requires_grad_(False)
             self.heads_[i] = tapped
+        if held is not None and sc is not None:
+            self._build_router(score="msp")  # the tree's answers, before the self-check exists
+            summary["selfcheck"] = self._fit_selfcheck(held, sc, cache, workdir, resume)
         self.fit_summary_ = summary
         self._build_router()
         return self
+
+    def _selfcheck_options(self) -> dict[str, Any] | None:
+        if self.selfcheck is None and self.confidence != "selfcheck":
+            return None
+        given = dict(self.selfcheck or {})
+        unknown = sorted(set(given) - set(SELFCHECK_DEFAULTS))
+        if unknown:
+            raise TreeError(f"unknown selfcheck option(s) {unknown}; valid: "
+                            f"{sorted(SELFCHECK_DEFAULTS)}")
+        sc = {**SELFCHECK_DEFAULTS, **given}
+        _check_choice("selfcheck target", sc["target"], TARGETS)
+        if not (isinstance(sc["fraction"], float) and 0 < sc["fraction"] < 1):
+            raise TreeError(f"selfcheck fraction must be a number in (0, 1), got "
+                            f"{sc['fraction']!r}")
+        return sc
+
+    def _fit_selfcheck(self, held: Split, sc: dict[str, Any], cache: ActivationCache,
+                       workdir: Path, resume: bool) -> dict[str, Any]:
+        """Train the self-check on the held-out rows: the tree's features there, and whether
+        (or how surely) the tree is right there."""
+        leaf, _, _, _, probs = self._run(held.x)
+        right = (leaf == held.y).float()
+        targets = right if sc["target"] == "correct" else selfcheck_targets(probs, held.y, "tcp")
+        feats = cache.get_many(self.parent, [self.tap], held, preprocessing=self.preprocessing_,
+                               progress=self.progress)[self.tap]
+        seed = _train_config(self.head_train, False).seed
+        fit_rows, val_rows = stratified_split(right.numpy(), 0.2, seed)
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            head = SelfCheckHead(int(np.prod(feats.shape[1:])), sc["hidden"], sc["dropout"])
+        res = fit_selfcheck(
+            head, feats.dataset(targets[fit_rows], rows=fit_rows, flatten=True), None,
+            feats.dataset(targets[val_rows], rows=val_rows, flatten=True), None,
+            target=sc["target"], cfg={"progress": self.progress, **sc["train"]},
+            workdir=workdir / "selfcheck", resume=resume, description="self-check")
+        self.selfcheck_ = head.eval().requires_grad_(False)
+        return {"target": sc["target"], "n_train": len(fit_rows), "n_val": len(val_rows),
+                "tree_accuracy_held_out": float(right.mean()), **_fit_brief(res)}
+
+    def confidence_scores(self, x: Any) -> dict[str, torch.Tensor]:
+        """The end-to-end confidence of each routed answer under every score: the smallest
+        local ``msp`` / ``margin`` / ``entropy`` along the input's path, and ``selfcheck``
+        when the tree has a self-check branch. Abstention thresholds are ignored."""
+        self._require_fit()
+        x = _as_inputs(x)
+        parts: dict[str, list[torch.Tensor]] = {}
+        with torch.inference_mode():
+            for start in range(0, len(x), 1024):
+                P, feats = self.router_.probs_and_features(x[start:start + 1024])
+                check = self.router_.selfcheck_score(feats) if self.selfcheck_ is not None else None
+                path = self.router_.route(P, check)[1]
+                rows = torch.arange(len(P))[:, None]
+                at_node = P[rows, path.clamp_min(0)]  # [N, D, K]
+                for kind in LOCAL_SCORES:
+                    local = local_score(at_node.flatten(0, 1), kind).view(path.shape)
+                    local = torch.where(path >= 0, local, torch.full_like(local, float("inf")))
+                    parts.setdefault(kind, []).append(local.min(dim=1).values)
+                if check is not None:
+                    parts.setdefault("selfcheck", []).append(check)
+        return {k: torch.cat(v) for k, v in parts.items()}
 
     def _check_parent_output(self, x: torch.Tensor, expected: int) -> None:
         was = self.parent.training
@@ -430,13 +537,14 @@ class BranchTree:
             return acts.dataset(targets, rows=rows, flatten=True)
         return TensorPairs(self._branch_features(self.sources_[i], acts[rows].flatten(1)), targets)
 
-    def _build_router(self) -> None:
+    def _build_router(self, score: str | None = None) -> None:
         lay = self.layout_
         groups = lay.root_groups() if self.parent_labels == "fine" else torch.eye(lay.n_children[0])
         self.router_ = TreeRouter(
             lay, Tapped(self.parent, self.tap), self.heads_, self.sources_,
             root_from_parent=self.router == "parent", parent_groups=groups,
-            policy="hard" if self.policy == "threshold" else self.policy, score=self.confidence,
+            policy="hard" if self.policy == "threshold" else self.policy,
+            score=score or self.confidence, selfcheck=self.selfcheck_,
         ).eval()
         self._apply_thresholds()
 
@@ -448,10 +556,10 @@ class BranchTree:
     # ----------------------------------------------------------------------------- predict
     def _run(self, x: Any, batch_size: int = 1024) -> tuple[torch.Tensor, ...]:
         self._require_fit()
-        x = _as_tensor(x)
+        x = _as_inputs(x)
         if self.input_shape_ is not None and tuple(x.shape[1:]) != self.input_shape_:
-            raise TreeError(f"inputs have shape {tuple(x.shape[1:])} but the tree was fitted on "
-                            f"{self.input_shape_}")
+            raise TreeError(f"got {_what(tuple(x.shape[1:]))} but the tree was fitted on "
+                            f"{_what(self.input_shape_)}")
         outs = []
         with torch.inference_mode():
             for start in range(0, len(x), batch_size):
@@ -484,7 +592,7 @@ class BranchTree:
         if node not in lay.node_index:
             raise TreeError(f"unknown node {node!r}; internal nodes are {lay.nodes}")
         i = lay.node_index[node]
-        x = _as_tensor(x)
+        x = _as_inputs(x)
         parts = []
         with torch.inference_mode():
             for start in range(0, len(x), 1024):
@@ -590,23 +698,30 @@ class BranchTree:
         lay = self._require_fit()
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        weights = {f"parent.{k}": v for k, v in self.parent.state_dict().items()}
+        # a pretrained backbone is rebuilt from its own files: only what trained here is saved
+        state = (self.parent.saved_state() if hasattr(self.parent, "saved_state")
+                 else self.parent.state_dict())
+        weights = {f"parent.{k}": v for k, v in state.items()}
         head_specs = {}
         for i, tapped in self.heads_.items():
             weights.update({f"heads.{i}.{k}": v for k, v in tapped.module.state_dict().items()})
             spec = ({"kind": "constant"} if isinstance(tapped.module, ConstantHead)
                     else models.spec_of(tapped.module))
             head_specs[str(i)] = {"spec": spec, "tap": tapped.layer}
+        if self.selfcheck_ is not None:
+            weights.update({f"selfcheck.{k}": v for k, v in self.selfcheck_.state_dict().items()})
         meta = {
             "format": "branchnet.tree", "version": FORMAT_VERSION,
             "classes": lay.classes, "hierarchy": lay.hierarchy.to_dict(), "tap": self.tap,
             "router": self.router, "node_input": self.node_input,
             "branch_tap": self.branch_tap, "policy": self.policy, "score": self.confidence,
             "backoff": self.backoff, "parent_labels": self.parent_labels,
-            "parent_spec": models.spec_of(self.parent), "heads": head_specs,
+            "parent_spec": zoo.spec_of(self.parent), "heads": head_specs,
             "sources": self.sources_, "preprocessing": self.preprocessing_,
             "input_shape": list(self.input_shape_ or ()),
             "calibration": _jsonable(self.calibration_), "fit_summary": _jsonable(self.fit_summary_),
+            "selfcheck": None if self.selfcheck_ is None else {
+                k: getattr(self.selfcheck_, k) for k in ("in_features", "hidden", "dropout")},
         }
         save_weights(weights, path / "weights.safetensors")
         write_json(path / "tree.json", meta)
@@ -627,8 +742,12 @@ class BranchTree:
         if parent is None:
             if not meta["parent_spec"]:
                 raise TreeError("this tree's parent is a custom module: pass parent=... to load()")
-            parent = models.build(meta["parent_spec"])
-        _load_prefixed(parent, weights, "parent.", "parent")
+            parent = zoo.rebuild(meta["parent_spec"])
+        if hasattr(parent, "load_saved_state"):
+            parent.load_saved_state({k[len("parent."):]: v for k, v in weights.items()
+                                     if k.startswith("parent.")})
+        else:
+            _load_prefixed(parent, weights, "parent.", "parent")
         layout = TreeLayout(Hierarchy.from_dict(meta["hierarchy"]), meta["classes"])
         tree = cls(parent, meta["tap"], hierarchy=layout.hierarchy, router=meta["router"],
                    node_input=meta["node_input"], branch_tap=meta["branch_tap"],
@@ -651,9 +770,14 @@ class BranchTree:
             tree.heads_[int(key)] = Tapped(module.eval().requires_grad_(False), hs["tap"])
         tree.parent.eval().requires_grad_(False)
         tree.preprocessing_ = meta["preprocessing"]
-        tree.input_shape_ = tuple(meta["input_shape"]) or None
+        tree.input_shape_ = tuple(meta["input_shape"])  # () for texts
         tree.calibration_ = _from_jsonable(meta["calibration"])
         tree.fit_summary_ = meta["fit_summary"]
+        tree.selfcheck_ = None
+        if meta.get("selfcheck"):
+            tree.selfcheck_ = SelfCheckHead(**meta["selfcheck"])
+            _load_prefixed(tree.selfcheck_, weights, "selfcheck.", "self-check")
+            tree.selfcheck_.eval().requires_grad_(False)
         tree.fitted_rows_ = None  # not saved: a loaded tree cannot check calibration data
         tree._build_router()
         return tree
@@ -666,6 +790,9 @@ class BranchTree:
         the same tensors :meth:`predict` builds its :class:`Prediction` from.
         """
         self._require_fit()
+        if self.input_shape_ == ():
+            raise TreeError("a tree on texts cannot be traced to TorchScript: its parent "
+                            "tokenizes strings in Python; save() it and BranchTree.load() instead")
         if example is None:
             if not self.input_shape_:
                 raise TreeError("pass example=... (a batch of inputs) to trace the tree")
@@ -682,6 +809,9 @@ class BranchTree:
                 f"policy={self.policy!r}, {state})")
 
 
+#: the self-check branch's options (see ``BranchTree(selfcheck=...)``)
+SELFCHECK_DEFAULTS: dict[str, Any] = {"target": "tcp", "fraction": 0.2, "hidden": 128,
+                                      "dropout": 0.1, "train": {}}
 HEAD_TRAIN_DEFAULTS = {"epochs": 100, "batch_size": 64, "lr": 3e-4, "weight_decay": 0.01,
                   "patience": 10}
 
@@ -692,6 +822,17 @@ def _train_config(cfg: TrainConfig | dict | None, progress: bool,
         return cfg
     merged = {**(default or {}), "progress": progress, **(cfg or {})}
     return TrainConfig.from_dict(merged)
+
+
+def _what(shape: tuple[int, ...]) -> str:
+    return "texts" if shape == () else f"inputs of shape {shape}"
+
+
+def _probe_of(parent: nn.Module) -> tuple[nn.Module, str] | None:
+    """``(probe, probe_layer)`` of a frozen backbone with a trainable probe (such as
+    :class:`~branchnet.text.TextParent`), else None."""
+    probe, layer = getattr(parent, "probe", None), getattr(parent, "probe_layer", None)
+    return (probe, layer) if isinstance(probe, nn.Module) and isinstance(layer, str) else None
 
 
 def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
