@@ -170,3 +170,22 @@ def test_cli_fit_eval_predict_on_texts(tmp_path: Path, monkeypatch) -> None:
     assert code == 0 and out.count("test.jsonl:") == 60, err
     code, out, err = run_cli(["tree", "eval", str(run)])
     assert code == 0, err
+
+
+def test_cli_probe_curve(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("BRANCHNET_CACHE_DIR", str(tmp_path / "cache"))
+    text_config(tmp_path)
+    cfg = {"name": "probe", "data": TEXT_CONFIG["data"], "targets": ["classes", "groups"],
+           "parent": {"model": {"kind": "transformer", "source": "tiny", "max_length": 24}},
+           "progress": False}
+    code, out, err = run_cli(["probe", "fit", str(write_config(tmp_path / "p.yaml", cfg)),
+                              "--out", str(tmp_path / "runs")])
+    assert code == 0, err
+    run = next((tmp_path / "runs").iterdir())
+    probes = json.loads((run / "metrics.json").read_text())["probes"]
+    assert [(p["layer"], p["target"]) for p in probes] == [
+        (la, t) for la in ("embeddings", "layer.0", "layer.1") for t in ("classes", "groups")]
+    assert all(p["balanced_accuracy"] > 0.5 for p in probes)  # chance: 0.25 / 0.5
+    assert [f.name for f in (run / "figures").iterdir()] == ["probing_curve.png"]
+    code, out, err = run_cli(["probe", "compare", str(run)])
+    assert code == 0 and "layer.1" in out, err

@@ -188,6 +188,9 @@ class ProbeExperiment(Experiment):
                                     for name, split in data.splits().items()}
         return result
 
+    def histories(self, run: Run) -> dict[str, Path]:
+        return {}  # logistic regressions, no training curves
+
     def figures(self, run: Run, result: dict[str, Any]) -> dict[str, Figure]:
         return {"probing_curve": plot_probing_curve(result["probes"], self.cfg["name"])}
 

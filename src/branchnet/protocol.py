@@ -202,7 +202,8 @@ def run(experiment: type[Experiment], cfg: dict[str, Any], *, out: str | Path = 
     result = exp.fit(run_folder, resume)
     result["seconds"] = time.perf_counter() - t0
     run_folder.write_metrics(result)
-    figures = {"training": plot_training_curves(exp.histories(run_folder)),
+    histories = exp.histories(run_folder)  # none for a kind that trains no network
+    figures = {**({"training": plot_training_curves(histories)} if histories else {}),
                **exp.figures(run_folder, result)}
     for name, fig in figures.items():
         run_folder.save_figure(fig, name)

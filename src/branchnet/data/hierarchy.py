@@ -148,6 +148,19 @@ class Hierarchy:
         return cls({ROOT: [str(c) for c in classes]})
 
     @classmethod
+    def from_groups(cls, groups: Mapping[str, Sequence[str]]) -> Hierarchy:
+        """A two-level tree from ``{group: [classes]}`` (such as ``Data.groups``); a group named
+        like one of the classes gets the suffix ``-group``, since every node needs its own name.
+
+        >>> Hierarchy.from_groups({"science": ["math", "science"], "net": ["mail"]}).children(ROOT)
+        ['science-group', 'net']
+        """
+        classes = {str(c) for members in groups.values() for c in members}
+        return cls.from_dict({ROOT: [{(f"{g}-group" if g in classes else g):
+                                       [str(c) for c in members]}
+                                      for g, members in groups.items()]})
+
+    @classmethod
     def builtin(cls, name: str) -> Hierarchy:
         """``"cifar10"`` (vehicles / animals) or ``"cifar100"`` (its 20 superclasses)."""
         table = {"cifar10": CIFAR10_HIERARCHY, "cifar100": CIFAR100_HIERARCHY}

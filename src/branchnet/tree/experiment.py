@@ -126,8 +126,7 @@ def resolve_hierarchy(spec: Any, classes: list[str],
         if not groups:
             raise ConfigError("hierarchy: groups needs data with a group column "
                               "(data.group_column), but this data has none")
-        return Hierarchy.from_dict({"root": [{g: list(c)} for g, c in groups.items()]}
-                                   ).bind(classes)
+        return Hierarchy.from_groups(groups).bind(classes)
     if isinstance(spec, dict):
         return Hierarchy.from_dict(spec).bind(classes)
     if spec in BUILTIN_HIERARCHIES:
