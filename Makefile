@@ -34,6 +34,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_specialization.py
 	$(BIN)/python benchmarks/bench_vbranch.py
 	$(BIN)/python benchmarks/bench_plastic.py
+	$(BIN)/python benchmarks/bench_text.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache build src/*.egg-info
