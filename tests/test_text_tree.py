@@ -97,6 +97,8 @@ def test_selfcheck_branch(tmp_path: Path, splits) -> None:
     torch.testing.assert_close(tree.predict(test.x).confidence, scores["selfcheck"])
     loaded = BranchTree.load(tree.save(tmp_path / "tree"))
     torch.testing.assert_close(loaded.confidence_scores(test.x)["selfcheck"], scores["selfcheck"])
+    with pytest.raises(TreeError, match="60 of 60 calibration inputs were used"):  # self-check's
+        tree.calibrate(train.split(0.25, seed=0)[1], method="coverage", coverage=0.8)
     result, _ = evaluate(loaded, test, calibration=texts_of(80, 3))
     assert set(result["scores"]) == set(scores)
     assert "coverage" in result["scores"]["selfcheck"]

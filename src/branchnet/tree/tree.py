@@ -323,7 +323,8 @@ class BranchTree:
         self.classes_, self.layout_, self.hierarchy_ = list(classes), layout, layout.hierarchy
         self.preprocessing_ = dict(preprocessing)
         self.input_shape_ = tuple(train.x.shape[1:])
-        self.fitted_rows_ = np.unique(np.concatenate([_row_hashes(train.x), _row_hashes(val.x)]))
+        used = [train, val] + ([held] if held is not None else [])  # held: the self-check's
+        self.fitted_rows_ = np.unique(np.concatenate([_row_hashes(s.x) for s in used]))
         self.calibration_: dict[str, Any] = {}
         summary: dict[str, Any] = {"classes": list(classes), "nodes": {}}
 
