@@ -191,3 +191,31 @@ def test_cli_probe_curve(tmp_path: Path, monkeypatch) -> None:
     assert [f.name for f in (run / "figures").iterdir()] == ["probing_curve.png"]
     code, out, err = run_cli(["probe", "compare", str(run)])
     assert code == 0 and "layer.1" in out, err
+
+
+SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+
+
+@pytest.mark.slow
+@pytest.mark.realdata
+def test_minilm_tree_on_debian_subset(tmp_path: Path, monkeypatch) -> None:
+    """configs/text-debian.yaml on 6 sections in 3 groups, 40 training texts each: MiniLM end
+    to end through the CLI."""
+    config = Path(__file__).resolve().parents[1] / "configs" / "text-debian.yaml"
+    if not ((SHARED / "minilm" / "model.zip").is_file()
+            and (SHARED / "text" / "debian-packages-train.jsonl.gz").is_file()):
+        pytest.skip(f"MiniLM or the Debian texts not found under {SHARED.resolve()}")
+    monkeypatch.setenv("BRANCHNET_CACHE_DIR", str(tmp_path / "cache"))
+    code, out, err = run_cli(["tree", "fit", str(config), "--out", str(tmp_path / "runs"),
+                              "--set", "data.classes=[mail, comm, hamradio, electronics, vcs, "
+                              "database]", "--set", "data.max_per_class=40",
+                              "--set", "progress=false",
+                              "--set", "parent.train.epochs=30", "--set",
+                              "tree.head_train.epochs=30", "--set", "calibration.target_risk=0.5"])
+    assert code == 0, err
+    run = next((tmp_path / "runs").iterdir())
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["n_test"] == 242 and metrics["balanced_accuracy"] > 0.5  # chance: 1/6
+    assert metrics["fit"]["truncation"]["train"]["truncated"] > 0
+    code, out, err = run_cli(["tree", "predict", str(run), "an email client with IMAP support"])
+    assert code == 0 and "mail" in out, (out, err)
