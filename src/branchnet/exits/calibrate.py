@@ -1,0 +1,163 @@
+"""Exit thresholds with a finite-sample guarantee: Learn-then-Test fixed-sequence testing.
+
+An early-exit network answers at the first exit whose confidence reaches the threshold ``λ``
+(the last exit, the full model, always answers). Lowering ``λ`` saves compute and risks more
+answers that differ from the full model's. :func:`calibrate_exit_threshold` picks the lowest
+``λ`` on a grid such that, with probability at least ``1 - delta`` over the calibration draw,
+
+* ``kind="consistency"``: P(early answer ≠ full model's answer) ≤ ``epsilon`` (as CALM), or
+* ``kind="accuracy"``: P(early answer wrong and full answer right) ≤ ``epsilon``, which bounds
+  the accuracy drop against the full model by ``epsilon``.
+
+Both losses are 0/1, so each hypothesis ``H_λ: risk(λ) > epsilon`` has an exact binomial
+p-value; the grid is tested in a fixed sequence from the most conservative ``λ`` down, stopping
+at the first ``H_λ`` not rejected at level ``delta``. Fixed-sequence testing controls the
+family-wise error at ``delta`` without any monotonicity of the risk in ``λ``, so the returned
+``λ`` meets the bound with probability ≥ ``1 - delta`` (Angelopoulos, Bates, Candès, Jordan,
+Lei: "Learn then Test: Calibrating Predictive Algorithms to Achieve Risk Control", 2021, §3 and
+Proposition 1; Schuster et al., "Confident Adaptive Language Modeling", NeurIPS 2022, applies it
+to early exits). Written here because no well-kept library implements LTT for exits; the
+binomial tail comes from SciPy.
+
+Example:
+    >>> import torch
+    >>> g = torch.Generator().manual_seed(0)
+    >>> scores = torch.rand(2000, 2, generator=g)           # confidence at 2 early exits
+    >>> full = torch.randint(0, 3, (2000,), generator=g)
+    >>> early = torch.where(scores > 0.5, full[:, None], (full[:, None] + 1) % 3)
+    >>> cal = calibrate_exit_threshold(scores, early, full, epsilon=0.05, delta=0.1)
+    >>> cal.feasible, 0.45 < cal.threshold <= 0.5   # below 0.5 the early answers are wrong
+    (True, True)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from scipy import stats
+
+from branchnet.errors import BranchnetError
+
+__all__ = ["KINDS", "ExitCalibration", "ExitError", "binomial_p_value",
+           "calibrate_exit_threshold", "exit_at"]
+
+KINDS = ("consistency", "accuracy")
+
+
+class ExitError(BranchnetError, ValueError):
+    """Exit calibration cannot be done as asked."""
+
+
+@dataclass
+class ExitCalibration:
+    """The chosen threshold and the evidence for it.
+
+    ``threshold`` is ``inf`` (every input runs the full model) when no grid value passes
+    (``feasible`` False). ``tested`` lists ``(threshold, empirical risk, p-value)`` in test order.
+    """
+
+    threshold: float
+    feasible: bool
+    epsilon: float
+    delta: float
+    kind: str
+    n: int
+    empirical_risk: float | None = None
+    exit_fraction: list[float] = field(default_factory=list)
+    tested: list[tuple[float, float, float]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in ("threshold", "feasible", "epsilon", "delta",
+                                              "kind", "n", "empirical_risk", "exit_fraction")}
+
+
+def _check_unit(name: str, value: Any) -> float:
+    if not (isinstance(value, (int, float)) and 0 < value < 1):
+        raise ExitError(f"{name} must be a number in (0, 1), got {value!r}")
+    return float(value)
+
+
+def binomial_p_value(losses: int, n: int, epsilon: float) -> float:
+    """P(Binomial(n, epsilon) <= losses): the p-value of ``H: risk > epsilon`` for 0/1 losses.
+
+    >>> round(binomial_p_value(0, 100, 0.05), 4)
+    0.0059
+    """
+    return float(stats.binom.cdf(losses, n, epsilon))
+
+
+def exit_at(scores: torch.Tensor, threshold: float) -> torch.Tensor:
+    """``[N]`` the exit each input takes: the first early exit (0 .. E-1) whose score reaches
+    ``threshold``, else ``E`` (the full model)."""
+    hit = scores >= threshold
+    first = hit.int().argmax(dim=1)
+    return torch.where(hit.any(dim=1), first, torch.full_like(first, scores.shape[1]))
+
+
+def _losses(scores: torch.Tensor, early: torch.Tensor, full: torch.Tensor,
+            y: torch.Tensor | None, threshold: float, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    exits = exit_at(scores, threshold)
+    answers = torch.cat([early, full[:, None]], dim=1).gather(1, exits[:, None])[:, 0]
+    if kind == "consistency":
+        return answers != full, exits
+    assert y is not None
+    return (answers != y) & (full == y), exits
+
+
+def calibrate_exit_threshold(
+    scores: torch.Tensor,
+    early: torch.Tensor,
+    full: torch.Tensor,
+    y: torch.Tensor | None = None,
+    *,
+    epsilon: float = 0.05,
+    delta: float = 0.1,
+    kind: str = "consistency",
+    grid: np.ndarray | list[float] | None = None,
+) -> ExitCalibration:
+    """The lowest exit threshold on ``grid`` whose risk is ≤ ``epsilon`` with probability
+    ≥ ``1 - delta``, on calibration data the exits did not train on.
+
+    ``scores [N, E]``: the confidence of each of the ``E`` early exits (higher = surer);
+    ``early [N, E]``: their answers; ``full [N]``: the full model's answers; ``y [N]``: labels
+    (needed by ``kind="accuracy"``). ``grid``: candidate thresholds (default: 200 quantiles of
+    the scores plus their maximum); they are tested from the highest down.
+    """
+    epsilon, delta = _check_unit("epsilon", epsilon), _check_unit("delta", delta)
+    if kind not in KINDS:
+        raise ExitError(f"kind must be one of {list(KINDS)}, got {kind!r}")
+    scores, early, full = (torch.as_tensor(scores).float(), torch.as_tensor(early),
+                           torch.as_tensor(full))
+    if scores.ndim != 2 or early.shape != scores.shape or full.shape != scores.shape[:1]:
+        raise ExitError(f"scores and early answers must be [N, E] and the full answers [N]; got "
+                        f"{tuple(scores.shape)}, {tuple(early.shape)}, {tuple(full.shape)}")
+    if kind == "accuracy":
+        if y is None:
+            raise ExitError("kind='accuracy' needs the labels y")
+        y = torch.as_tensor(y)
+    n = len(full)
+    if n == 0:
+        raise ExitError("no calibration inputs")
+    if grid is None:
+        flat = scores.flatten().numpy()
+        grid = np.unique(np.concatenate([np.quantile(flat, np.linspace(0, 1, 200)), [flat.max()]]))
+    order = np.sort(np.asarray(grid, dtype=float))[::-1]  # the most conservative first
+    tested: list[tuple[float, float, float]] = []
+    best: float | None = None
+    for lam in order:
+        loss, _ = _losses(scores, early, full, y, float(lam), kind)
+        k = int(loss.sum())
+        p = binomial_p_value(k, n, epsilon)
+        tested.append((float(lam), k / n, p))
+        if p > delta:
+            break
+        best = float(lam)
+    if best is None:
+        return ExitCalibration(float("inf"), False, epsilon, delta, kind, n, tested=tested)
+    loss, exits = _losses(scores, early, full, y, best, kind)
+    share = torch.bincount(exits, minlength=scores.shape[1] + 1).float() / n
+    return ExitCalibration(best, True, epsilon, delta, kind, n, float(loss.float().mean()),
+                           share.tolist(), tested)
