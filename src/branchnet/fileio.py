@@ -1,4 +1,5 @@
-"""Atomic file writes and JSON that survives NaN, tensors and paths: one helper for all.
+"""Atomic file writes, JSON that survives NaN, tensors and paths, and file checksums: one
+helper for each.
 
 Every file branchnet writes into a run folder, a cache or a model folder goes through
 :func:`atomic_write`: the bytes land in a temporary file beside the target and are renamed into
@@ -16,6 +17,7 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -26,7 +28,18 @@ from typing import Any
 
 from branchnet.errors import DamagedFileError, WriteError
 
-__all__ = ["atomic_write", "atomic_write_text", "jsonable", "read_json", "write_json"]
+__all__ = ["atomic_write", "atomic_write_text", "jsonable", "read_json", "sha256_file",
+           "write_json"]
+
+
+def sha256_file(path: str | Path) -> str:
+    """The SHA-256 of a file's bytes, hex (read in 1 MiB blocks): the key of caches built from
+    an archive, and a pretrained model's identity."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def atomic_write(path: str | Path, write: Callable[[str], Any]) -> Path:

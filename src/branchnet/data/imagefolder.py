@@ -43,7 +43,7 @@ import numpy as np
 from branchnet.data import images
 from branchnet.data.dataset import DataError
 from branchnet.data.prepare import RawData
-from branchnet.fileio import atomic_write, read_json, write_json
+from branchnet.fileio import atomic_write, read_json, sha256_file, write_json
 
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".tar.bz2", ".tbz2", ".tar.xz", ".txz", ".zip")
 SPLIT_NAMES = {"train": "train", "test": "test", "val": "val", "valid": "val", "validation": "val"}
@@ -179,14 +179,6 @@ def parse_layout(paths: list[str], source: str | Path = "") -> dict[str, list[tu
 
 
 # --- cache ---------------------------------------------------------------------------------
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _directory_hash(root: Path, files: list[tuple[str, Path]]) -> str:
@@ -330,7 +322,7 @@ def read_image_folder(
     else:
         if not is_archive(src):
             raise DataError(f"{src} is not a directory or an archive ({', '.join(ARCHIVE_SUFFIXES)})")
-        content_key = _sha256_file(src)
+        content_key = sha256_file(src)
         listing = None
         stem = archive_stem(src)
     size_tag = f"{size[0]}x{size[1]}" if size else "native"

@@ -60,12 +60,11 @@ from branchnet.data.imagefolder import (
     _load_cache,
     _read_archive,
     _save_cache,
-    _sha256_file,
     archive_stem,
     default_cache_dir,
     is_archive,
 )
-from branchnet.fileio import write_json
+from branchnet.fileio import sha256_file, write_json
 
 __all__ = [
     "OmniglotSet",
@@ -254,7 +253,7 @@ def _source_key(src: Path) -> tuple[str, str]:
     if src.is_dir():
         return _directory_hash(src, _list_directory(src)), src.resolve().name
     if is_archive(src):
-        return _sha256_file(src), archive_stem(src)
+        return sha256_file(src), archive_stem(src)
     raise DataError(f"Omniglot source {src} is neither a folder nor an archive (.zip, .tar.gz, ...)")
 
 

@@ -19,7 +19,6 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import uuid
@@ -28,8 +27,9 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from branchnet.errors import BranchnetError
+from branchnet.fileio import sha256_file
 
-__all__ = ["ModelError", "load_pretrained", "resolve_model", "set_offline", "sha256_of"]
+__all__ = ["ModelError", "load_pretrained", "resolve_model", "set_offline"]
 
 OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")
 _TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model",
@@ -48,15 +48,6 @@ def set_offline() -> None:
         os.environ[var] = "1"
 
 
-def sha256_of(path: Path, chunk: int = 1 << 20) -> str:
-    """The SHA-256 of a file, hex."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _model_root(folder: Path) -> Path:
     """The folder holding config.json: ``folder`` itself or its one subfolder (zips often
     wrap the model in a top-level folder)."""
@@ -69,7 +60,7 @@ def _model_root(folder: Path) -> Path:
 
 
 def _unzip(archive: Path, cache_dir: Path) -> Path:
-    digest = sha256_of(archive)
+    digest = sha256_file(archive)
     stem = archive.name.removesuffix(".zip")
     target = cache_dir / "models" / f"{stem}-{digest[:16]}"
     if (target / _COMPLETE).is_file():

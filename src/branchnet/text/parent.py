@@ -35,8 +35,9 @@ import torch
 from torch import nn
 
 from branchnet import models
+from branchnet.fileio import sha256_file
 from branchnet.taps import module_fingerprint
-from branchnet.text.hub import ModelError, load_pretrained, resolve_model, sha256_of
+from branchnet.text.hub import ModelError, load_pretrained, resolve_model
 
 __all__ = ["POOLINGS", "PROBES", "Pooling", "TapPoint", "TextParent"]
 
@@ -192,7 +193,7 @@ class TextParent(nn.Module):
         folder = resolve_model(source, cache_dir)
         model, tokenizer = load_pretrained(folder)
         weights = sorted(folder.glob("*.safetensors"))
-        digest = sha256_of(weights[0]) if len(weights) == 1 else None
+        digest = sha256_file(weights[0]) if len(weights) == 1 else None
         return cls(model, tokenizer, source={"model": str(source), "weights_sha256": digest},
                    **kwargs)
 
