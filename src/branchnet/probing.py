@@ -146,10 +146,6 @@ class ProbeExperiment(Experiment):
         super().check(cfg)
         zoo.check_spec(cfg["parent"]["model"], where="parent.model")
         check_file(cfg["parent"]["weights"], "parent.weights", "safetensors file")
-        model = cfg["parent"]["model"]
-        if model.get("kind") == "transformer" and model.get("source") != "tiny":
-            check_file(model.get("source"), "parent.model.source",
-                       "Hugging Face model folder or .zip of one")
 
     def setup(self) -> None:
         super().setup()

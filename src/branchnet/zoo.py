@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from branchnet import models
+from branchnet.config import check_file
 from branchnet.errors import BranchnetError, ConfigError
 from branchnet.text.parent import TextParent
 from branchnet.virtual import models as vmodels
@@ -52,6 +53,10 @@ class ModelKind:
     text: bool = False          #: needs text inputs
     virtual: bool = False       #: outputs (B, K, C): K virtual branches
     first_layer: str | None = None  #: the default layer to analyse (virtual models)
+    #: options naming a file or folder that must exist (option -> what it is); ``builtins``
+    #: are values that name no file
+    files: Mapping[str, str] = field(default_factory=dict)
+    builtins: tuple[str, ...] = ()
 
     @property
     def options(self) -> list[str]:
@@ -68,14 +73,17 @@ MODELS: dict[str, ModelKind] = {
     "vresnet": ModelKind(vmodels.vresnet, images=True, virtual=True, first_layer="stem.conv"),
     "vresnet18": ModelKind(vmodels.vresnet18, images=True, virtual=True, first_layer="stem.conv"),
     "vdensenet_bc": ModelKind(vmodels.vdensenet_bc, images=True, virtual=True, first_layer="conv0"),
-    "transformer": ModelKind(TextParent.from_config, text=True),
+    "transformer": ModelKind(TextParent.from_config, text=True,
+                             files={"source": "Hugging Face model folder or .zip of one"},
+                             builtins=("tiny",)),
 }
 
 
 def check_spec(spec: Any, aliases: Mapping[str, str] | None = None,
                where: str = "model") -> tuple[str, dict[str, Any]]:
     """``(registered kind, options)`` of a config's model spec; a spec that is not a mapping,
-    an unknown kind or an unknown option raises :class:`ConfigError` naming it."""
+    an unknown kind, an unknown option or a missing model file raises :class:`ConfigError`
+    naming it."""
     names = dict(aliases) if aliases is not None else {k: k for k in MODELS}
     if not isinstance(spec, Mapping):
         raise ConfigError(f"{where} must be a mapping like {{kind: {next(iter(names))}, ...}}, "
@@ -89,6 +97,9 @@ def check_spec(spec: Any, aliases: Mapping[str, str] | None = None,
     if unknown:
         raise ConfigError(f"{where}: unknown option(s) {unknown} for model kind {kind!r}; "
                           f"valid options: {entry.options}")
+    for option, what in entry.files.items():
+        if options.get(option) not in entry.builtins:
+            check_file(options.get(option), f"{where}.{option}", what)
     return names[kind], options
 
 

@@ -163,14 +163,9 @@ class TreeExperiment(Experiment):
         super().check(cfg)
         zoo.check_spec(cfg["parent"]["model"], PARENT_MODELS, where="parent.model")
         check_file(cfg["parent"]["weights"], "parent.weights", "safetensors file")
-        model = cfg["parent"]["model"]
-        if model.get("kind") == "transformer":
-            if cfg["parent"]["weights"]:
-                raise ConfigError("parent.weights must be null for a transformer parent (its "
-                                  f"probe is trained here), got {cfg['parent']['weights']!r}")
-            if model.get("source") != "tiny":
-                check_file(model.get("source"), "parent.model.source",
-                           "Hugging Face model folder or .zip of one")
+        if cfg["parent"]["model"].get("kind") == "transformer" and cfg["parent"]["weights"]:
+            raise ConfigError("parent.weights must be null for a transformer parent (its "
+                              f"probe is trained here), got {cfg['parent']['weights']!r}")
         h = cfg["hierarchy"]
         if isinstance(h, str) and h not in BUILTIN_HIERARCHIES:
             check_file(h, "hierarchy", f"YAML file or one of {list(BUILTIN_HIERARCHIES)}")
