@@ -77,17 +77,14 @@ def hierarchical_scores(pred: Prediction, y: torch.Tensor, tree: BranchTree) -> 
     return metrics.hierarchical_prf(pred_sets, true_sets, average="micro")
 
 
-def score_comparison(tree: BranchTree, test: Split, calibration: Split | None = None,
+def score_comparison(scores: dict[str, torch.Tensor], correct: torch.Tensor,
+                     calibration: tuple[dict[str, torch.Tensor], torch.Tensor] | None = None,
                      target_risk: float = 0.05, delta: float = 0.05) -> dict[str, dict[str, Any]]:
-    """Per confidence score of :meth:`BranchTree.confidence_scores`, on the tree's answers for
-    ``test``: AURC and E-AURC, and with ``calibration`` (data the tree did not fit) the SGR
-    threshold for ``target_risk`` at confidence ``1 - delta`` and its test coverage and risk."""
-    correct = tree.predict(test.x).leaf == test.y
-    scores = tree.confidence_scores(test.x)
-    cal = None
-    if calibration is not None:
-        cal = (tree.confidence_scores(calibration.x), tree.predict(calibration.x).leaf
-               == calibration.y)
+    """Per confidence score (of :meth:`BranchTree.confidence_scores`) of the tree's answers on
+    test data, whose ``correct`` flags are given: AURC and E-AURC, and with ``calibration``
+    (the scores and correct flags on data the tree did not fit) the SGR threshold for
+    ``target_risk`` at confidence ``1 - delta`` and its test coverage and risk."""
+    cal = calibration
     out: dict[str, dict[str, Any]] = {}
     for name, conf in scores.items():
         rec: dict[str, Any] = {"aurc": selective.aurc(conf, correct),
@@ -134,10 +131,11 @@ def evaluate(tree: BranchTree, test: Split, calibration: Split | None = None
     }
     if pred.backoff:
         result["backed_off"] = int((pred.stop_level > 0).sum())
-    cal = tree.calibration_
-    risk = {k: cal[k] for k in ("target_risk", "delta") if k in cal}
-    result["scores"] = score_comparison(tree, test, calibration, **risk)
+    risk = {k: tree.calibration_[k] for k in ("target_risk", "delta") if k in tree.calibration_}
     scores = tree.confidence_scores(test.x)
+    cal = None if calibration is None else (
+        tree.confidence_scores(calibration.x), tree.predict(calibration.x).leaf == calibration.y)
+    result["scores"] = score_comparison(scores, correct, cal, **risk)
     rc = selective.plot_risk_coverage({"tree": (conf, correct),
                                        **{f"{k} (path)": (v, correct) for k, v in scores.items()
                                           if k != tree.confidence}})
