@@ -35,6 +35,8 @@ import torch
 from torch import nn
 
 from branchnet import models
+from branchnet.data.errors import DataError
+from branchnet.data.texts import Texts
 from branchnet.fileio import sha256_file
 from branchnet.taps import module_fingerprint
 from branchnet.text.hub import ModelError, load_pretrained, resolve_model
@@ -313,19 +315,24 @@ class TextParent(nn.Module):
 
     # --------------------------------------------------------------------------- forward
     def _texts(self, texts: Sequence[str]) -> list[str]:
+        """The batch as a list of strings, checked as :class:`Texts` checks (once: a Texts
+        already was)."""
         if isinstance(texts, str):
             raise ModelError("a text parent takes a batch of texts (a list), got one string")
-        out = list(texts)
-        for i, t in enumerate(out):
-            if not isinstance(t, str) or not t.strip():
-                what = "empty" if isinstance(t, str) else f"{type(t).__name__}, not a string"
-                raise ModelError(f"text #{i} is {what}")
-        return out
+        if not isinstance(texts, Texts):
+            try:
+                texts = Texts(texts)
+            except DataError as e:
+                raise ModelError(str(e)) from None
+        return texts.tolist()
+
+    def _lengths(self, texts: list[str]) -> list[int]:
+        enc = self.tokenizer(texts, truncation=False, verbose=False)
+        return [len(ids) for ids in enc["input_ids"]]
 
     def token_lengths(self, texts: Sequence[str]) -> list[int]:
         """Tokens per text (special tokens included) before truncation."""
-        enc = self.tokenizer(self._texts(texts), truncation=False, verbose=False)
-        return [len(ids) for ids in enc["input_ids"]]
+        return self._lengths(self._texts(texts))
 
     def truncation(self, texts: Sequence[str]) -> dict[str, Any]:
         """How many of ``texts`` exceed ``max_length`` tokens (and are truncated)."""
@@ -344,7 +351,7 @@ class TextParent(nn.Module):
         device = next(self.backbone.parameters()).device
         order = list(range(len(texts)))
         if self.dynamic_padding:
-            lengths = self.token_lengths(texts)
+            lengths = self._lengths(texts)
             order.sort(key=lambda i: lengths[i])
         n_states = len(self.layer) + 1
         out = [torch.empty(len(texts), self.hidden_size) for _ in range(n_states)]
