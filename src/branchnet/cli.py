@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import copy
 import errno
-import gzip
 import json
 import sys
 import time
@@ -156,27 +155,21 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".we
 
 
 def read_texts(arg: str, preprocessing: dict[str, Any]) -> tuple[Any, list[str]]:
-    """Texts for a text tree: a .txt file (one text per line), a .jsonl[.gz] file (its text
-    column), or else the argument itself as one text. Returns (Texts, names)."""
-    from branchnet.data import DataError, Texts
+    """Texts for a text tree: a .txt file (one text per line), a JSON-lines or CSV file (its
+    text column), or else the argument itself as one text. Returns (Texts, names)."""
+    from branchnet.data import Texts
+    from branchnet.data.text import is_text_file
+    from branchnet.data.text import read_texts as read_column
 
     path = Path(arg)
     if path.is_file() and path.suffix == ".txt":
-        lines = [t for t in path.read_text(encoding="utf-8").splitlines() if t.strip()]
-        return Texts(lines, where=str(path)), [f"{path.name}:{i + 1}" for i in range(len(lines))]
-    if path.is_file() and path.name.endswith((".jsonl", ".jsonl.gz")):
-        opener = gzip.open if path.suffix == ".gz" else open
-        column = preprocessing.get("text_column", "text")
-        texts = []
-        with opener(path, "rt", encoding="utf-8") as f:
-            for i, line in enumerate(f, 1):
-                if line.strip():
-                    row = json.loads(line)
-                    if not isinstance(row, dict) or column not in row:
-                        raise DataError(f"{path} line {i} has no column {column!r}")
-                    texts.append(row[column])
-        return Texts(texts, where=str(path)), [f"{path.name}:{i + 1}" for i in range(len(texts))]
-    return Texts([arg]), [arg if len(arg) <= 40 else arg[:37] + "..."]
+        texts = Texts([t for t in path.read_text(encoding="utf-8").splitlines() if t.strip()],
+                      where=str(path))
+    elif path.is_file() and is_text_file(path):
+        texts = read_column(path, preprocessing.get("text_column", "text"))
+    else:
+        return Texts([arg]), [arg if len(arg) <= 40 else arg[:37] + "..."]
+    return texts, [f"{path.name}:{i + 1}" for i in range(len(texts))]
 
 
 def read_inputs(path: Path, preprocessing: dict[str, Any]) -> tuple[Any, list[str]]:
@@ -387,7 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr = tree.add_parser("predict", help="route inputs through a run's saved tree")
     pr.add_argument("run")
     pr.add_argument("input", help="an image, a folder of images, or a .npy/.npz array; for a "
-                    "tree on texts: a text, a .txt file (one per line) or a .jsonl[.gz] file")
+                    "tree on texts: a text, a .txt file (one per line), a .jsonl or .csv file")
     pr.add_argument("--top", type=int, default=1, help="also list the k most probable classes")
     pr.add_argument("--json", action="store_true", help="one JSON object per input")
     pr.set_defaults(func=cmd_tree_predict)

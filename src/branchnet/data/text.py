@@ -110,25 +110,32 @@ def _category(value: Any, column: str, where: str) -> str:
     return text
 
 
-def _row(rec: Any, where: str, text_column: str, label_column: str, group_column: str | None) -> _Row:
+def _text(rec: Any, where: str, *columns: str | None) -> str:
+    """The text of a record (its first column) once it has every one of ``columns``."""
     if not isinstance(rec, dict):
         raise DataError(f"{where}: expected a JSON object with columns, got {_show(rec)}")
-    for column in (text_column, label_column, group_column):
+    for column in columns:
         if column is not None and column not in rec:  # a JSON object or a short CSV row
             raise DataError(f"{where}: no column {column!r}; the row has columns {list(rec)}")
-    text = rec[text_column]
+    text = rec[columns[0]]
     if not isinstance(text, str):
         raise DataError(
-            f"{where}: column {text_column!r} is {type(text).__name__} {_show(text)}, not a string"
+            f"{where}: column {columns[0]!r} is {type(text).__name__} {_show(text)}, not a string"
         )
     if not text.strip():
-        raise DataError(f"{where}: column {text_column!r} is empty ({_show(text)})")
+        raise DataError(f"{where}: column {columns[0]!r} is empty ({_show(text)})")
+    return text
+
+
+def _row(rec: Any, where: str, text_column: str, label_column: str, group_column: str | None) -> _Row:
+    text = _text(rec, where, text_column, label_column, group_column)
     label = _category(rec[label_column], label_column, where)
     group = None if group_column is None else _category(rec[group_column], group_column, where)
     return _Row(where, text, label, group)
 
 
-def _read_rows(path: Path, text_column: str, label_column: str, group_column: str | None) -> list[_Row]:
+def _records(path: Path, columns: list[str]) -> Iterator[tuple[int, Any]]:
+    """``(line, record)`` of a text file (JSON lines or CSV, maybe gzipped), opened and checked."""
     if not is_text_file(path):
         raise DataError(
             f"don't know how to read {path} as a text file; text files end in "
@@ -136,17 +143,32 @@ def _read_rows(path: Path, text_column: str, label_column: str, group_column: st
         )
     if not path.is_file():
         raise DataError(f"text file {path} does not exist")
-    csv_file = path.name.lower().endswith((".csv", ".csv.gz"))
-    columns = [c for c in (text_column, label_column, group_column) if c is not None]
     try:
         with _open(path) as f:
-            records = _csv_records(f, path, columns) if csv_file else _json_records(f, path)
-            rows = [_row(rec, f"{path}, line {n}", text_column, label_column, group_column)
-                    for n, rec in records]
+            yield from (_csv_records(f, path, columns) if _is_csv(path)
+                        else _json_records(f, path))
     except (OSError, EOFError, UnicodeDecodeError, csv.Error) as e:
         raise DataError(f"cannot read {path}: {e}") from None
+
+
+def _is_csv(path: Path) -> bool:
+    return path.name.lower().endswith((".csv", ".csv.gz"))
+
+
+def read_texts(path: str | Path, text_column: str = "text") -> Texts:
+    """The texts of a text file's ``text_column``, no labels needed (what ``tree predict``
+    routes), checked as :func:`read_text` checks them."""
+    path = Path(path)
+    return Texts(_text(rec, f"{path}, line {n}", text_column)
+                 for n, rec in _records(path, [text_column]))
+
+
+def _read_rows(path: Path, text_column: str, label_column: str, group_column: str | None) -> list[_Row]:
+    columns = [c for c in (text_column, label_column, group_column) if c is not None]
+    rows = [_row(rec, f"{path}, line {n}", text_column, label_column, group_column)
+            for n, rec in _records(path, columns)]
     if not rows:
-        layout = "a CSV header and rows" if csv_file else "one JSON object a line"
+        layout = "a CSV header and rows" if _is_csv(path) else "one JSON object a line"
         raise DataError(f"{path} has no rows; expected {layout} with columns "
                         f"{text_column!r} and {label_column!r}")
     return rows
