@@ -79,19 +79,23 @@ def probing_curve(parent: nn.Module, data: Data, layers: list[str], *,
     y_fit = torch.cat([data.train.y, data.val.y]).numpy()
     y_test = data.test.y.numpy()
     rows = []
-    jobs = [(layer, t) for layer in layers for t in targets]
-    for layer, target in tqdm(jobs, desc="probes", unit="probe", disable=not progress):
-        x_fit = torch.cat([acts["train"][layer].as_tensor(),
-                           acts["val"][layer].as_tensor()]).flatten(1).numpy()
-        x_test = acts["test"][layer].as_tensor().flatten(1).numpy()
-        names, lut = _targets(data, target)
-        clf = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=max_iter))
-        clf.fit(x_fit, lut[y_fit])
-        pred = clf.predict(x_test)
-        rows.append({"layer": layer, "target": target, "n_classes": len(names),
-                     "features": int(x_fit.shape[1]),
-                     "accuracy": float(np.mean(pred == lut[y_test])),
-                     "balanced_accuracy": float(balanced_accuracy_score(lut[y_test], pred))})
+    with tqdm(total=len(layers) * len(targets), desc="probes", unit="probe",
+              disable=not progress) as bar:
+        for layer in layers:  # each layer's features read once, for every target
+            x_fit = torch.cat([acts["train"][layer].as_tensor(),
+                               acts["val"][layer].as_tensor()]).flatten(1).numpy()
+            x_test = acts["test"][layer].as_tensor().flatten(1).numpy()
+            for target in targets:
+                names, lut = _targets(data, target)
+                clf = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=max_iter))
+                clf.fit(x_fit, lut[y_fit])
+                pred = clf.predict(x_test)
+                rows.append({"layer": layer, "target": target, "n_classes": len(names),
+                             "features": int(x_fit.shape[1]),
+                             "accuracy": float(np.mean(pred == lut[y_test])),
+                             "balanced_accuracy": float(balanced_accuracy_score(lut[y_test],
+                                                                                pred))})
+                bar.update()
     return rows
 
 
