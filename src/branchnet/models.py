@@ -58,7 +58,8 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.flatten(x)
-        if not torch.jit.is_tracing() and x.shape[1] != self.spec["sizes"][0]:
+        if isinstance(x, torch.Tensor) and not torch.jit.is_tracing() and (
+                x.shape[1] != self.spec["sizes"][0]):
             raise ValueError(
                 f"MLP expects {self.spec['sizes'][0]} input features, got {x.shape[1]} "
                 f"(input shape {tuple(x.shape)})"
@@ -95,7 +96,9 @@ class SmallCNN(nn.Module):
         self.head = nn.Linear(hidden, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.jit.is_tracing() and (x.ndim != 4 or x.shape[1] != self.spec["in_channels"]):
+        # fx proxies are not tensors: the check is skipped while tracing (staged exits)
+        if isinstance(x, torch.Tensor) and not torch.jit.is_tracing() and (
+                x.ndim != 4 or x.shape[1] != self.spec["in_channels"]):
             raise ValueError(
                 f"SmallCNN expects images [N, {self.spec['in_channels']}, H, W], "
                 f"got shape {tuple(x.shape)}"
