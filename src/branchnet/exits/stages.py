@@ -29,6 +29,7 @@ Example:
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import torch
@@ -119,7 +120,7 @@ class SequentialStages(Stages):
         cuts = [names.index(t) for t in taps]
         bounds = [-1, *cuts, len(names) - 1]
         kids = list(parent.children())
-        self._parts = [nn.Sequential(*kids[a + 1:b + 1]) for a, b in zip(bounds, bounds[1:])]
+        self._parts = [nn.Sequential(*kids[a + 1:b + 1]) for a, b in itertools.pairwise(bounds)]
 
     def start(self, x: Any) -> torch.Tensor:
         x = torch.as_tensor(x)
@@ -196,9 +197,9 @@ class FxStages(Stages):
                                  "lead to the parent's output, so the parent cannot stop there")
             cuts.append(hits[0])
         bounds = [pos[inputs[0]], *(pos[c] for c in cuts), pos[output] - 1]
-        spans = [nodes[a + 1:b + 1] for a, b in zip(bounds, bounds[1:])]
+        spans = [nodes[a + 1:b + 1] for a, b in itertools.pairwise(bounds)]
         live_in: list[list[torch.fx.Node]] = []
-        for s, span in enumerate(spans):  # values made before stage s and used from it on
+        for s in range(len(spans)):  # values made before stage s and used from it on
             later = {u for sp in spans[s:] for n in sp for u in n.all_input_nodes}
             later |= set(output.all_input_nodes)
             made = [inputs[0], *(n for sp in spans[:s] for n in sp)]
@@ -292,7 +293,7 @@ def split(parent: nn.Module, taps: list[str]) -> Stages:
     unknown = [t for t in taps if t not in names]
     if unknown:
         raise StageError(f"taps must be layers of the parent, got {unknown}; its layers are "
-                         f"{names if len(names) <= 40 else names[:40] + ['...']}")
+                         f"{names if len(names) <= 40 else [*names[:40], '...']}")
     if len(set(taps)) != len(taps):
         raise StageError(f"taps must be different layers, got {taps}")
     staged = getattr(parent, "staged", None)
