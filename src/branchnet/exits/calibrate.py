@@ -89,10 +89,10 @@ def binomial_p_value(losses: int, n: int, epsilon: float) -> float:
     return float(stats.binom.cdf(losses, n, epsilon))
 
 
-def exit_at(scores: torch.Tensor, threshold: float) -> torch.Tensor:
+def exit_at(scores: torch.Tensor, threshold: float | list[float]) -> torch.Tensor:
     """``[N]`` the exit each input takes: the first early exit (0 .. E-1) whose score reaches
-    ``threshold``, else ``E`` (the full model)."""
-    hit = scores >= threshold
+    ``threshold`` (one for all exits, or one per exit), else ``E`` (the full model)."""
+    hit = scores >= torch.as_tensor(threshold, dtype=scores.dtype)
     first = hit.int().argmax(dim=1)
     return torch.where(hit.any(dim=1), first, torch.full_like(first, scores.shape[1]))
 
