@@ -29,7 +29,7 @@ import json
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -40,6 +40,9 @@ from branchnet.data.texts import Texts
 from branchnet.fileio import sha256_file
 from branchnet.taps import module_fingerprint
 from branchnet.text.hub import ModelError, load_pretrained, resolve_model
+
+if TYPE_CHECKING:
+    from branchnet.exits.stages import Stages
 
 __all__ = ["POOLINGS", "PROBES", "Pooling", "TapPoint", "TextParent"]
 
@@ -302,6 +305,23 @@ class TextParent(nn.Module):
         h.update(f"{module_fingerprint(self.backbone)}|{self.extra_repr()}|"
                  f"{len(self.layer)}".encode())
         return h.hexdigest()
+
+    def staged(self, taps: list[str]) -> Stages:
+        """This parent cut at ``taps`` (:func:`branchnet.exits.stages.split` calls this): a
+        :class:`~branchnet.text.stages.TextStages` that runs the transformer layer by layer,
+        or, for a transformer that cannot be run so, a
+        :class:`~branchnet.exits.stages.FullStages` that says why in ``reason``.
+
+        >>> TextParent.tiny().staged(["layer.0"])
+        TextStages(TextParent, taps=['layer.0'])
+        """
+        from branchnet.exits.stages import FullStages
+        from branchnet.text.stages import TextStages, unstageable
+
+        why = unstageable(self)
+        if why:
+            return FullStages(self, taps, reason=f"{why}; every text runs the whole transformer")
+        return TextStages(self, taps)
 
     def train(self, mode: bool = True) -> TextParent:
         """Only the probe trains; the transformer stays in eval mode."""
