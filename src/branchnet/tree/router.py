@@ -26,20 +26,30 @@ Which call computes what:
   ``confidence_scores`` run, and what ``predict`` runs for the ``soft``/``topk`` policies
   (they need every leaf's probability to choose).
 * :meth:`forward_paths` (conditional computation, ``hard``/``threshold`` routing only): the
-  parent, then level by level only the heads on each input's path. At each internal node the
-  inputs currently there are gathered (``index_select``, one head call per node reached per
-  level), its head runs on them, each picks a child, and the results are scattered back; an
-  input that reaches a leaf stops. A head that reads the hidden layer of the head above
+  parent, then level by level only the heads on each input's path. At each level the inputs
+  still going down are grouped by the node they are at (one stable sort per level), each node
+  reached runs its head once on its inputs (gathered with ``index_select``; a level that every
+  input reaches through one node, as every level for a single input, gathers nothing), then
+  the level's child choices, confidences and next nodes are computed and scattered back in one
+  go; an input that reaches a leaf stops. A head that reads the hidden layer of the head above
   (``node_input="branch"``) gets that hidden layer as computed for the same input. The
   self-check score, when used, is computed on the parent's tap of every input. Returns
   ``leaf, path_nodes, path_conf, stop_level``, equal to :meth:`forward`'s (the heads run on
-  other batch sizes, so floats may differ in the last bit); no ``leaf_probs``. With
-  ``stop_on_abstain=True`` an input also stops at the level where it abstains: its
-  ``path_nodes``/``path_conf`` after ``stop_level`` are padding and its ``leaf`` is -1 (the
-  default goes on to the leaf, which ``Prediction.leaf`` and ``Prediction.path`` report).
-  Nodes that no input reaches are skipped in eager mode; under ``torch.jit.trace`` every node
-  runs, on its (possibly empty) share of the batch, so that the trace holds for every input
-  (see ``BranchTree.to_torchscript(paths_only=True)``).
+  other batch sizes, so ``path_conf`` may differ in the last bit); no ``leaf_probs``.
+  ``BranchTree.predict`` runs this for ``hard``/``threshold`` and computes ``leaf_probs`` only
+  when they are read (``PathPrediction``). With ``stop_on_abstain=True`` an input also stops
+  at the level where it abstains: its ``path_nodes``/``path_conf`` after ``stop_level`` are
+  padding and its ``leaf`` is -1 (the default goes on to the leaf, which ``Prediction.leaf``
+  and ``Prediction.path`` report, so ``predict`` does not stop early).
+
+Export: both passes trace with ``torch.jit.trace`` (``BranchTree.to_torchscript``, and
+``to_torchscript(paths_only=True)`` for :class:`PathsOnly`) and export with
+``torch.export.export(..., strict=False)`` with a dynamic batch dimension. Traced or exported,
+path-only routing runs every node's head on its (possibly empty) share of the batch, so that
+the graph holds for every input; only eager mode skips the nodes no input reached (it reads the
+group sizes, one host sync per level). Neither pass compiles with ``torch.jit.script`` (the
+taps are forward hooks), nor with strict ``torch.export`` where a head's hidden layer or the
+whole parent is read through a hook.
 
 The parent: with ``root_from_parent`` (``router="parent"``) its output is the root decision,
 so it runs whole (:class:`Tapped`, a forward hook reads the tap). Otherwise only the tapped
@@ -140,6 +150,11 @@ def local_score(p: torch.Tensor, kind: str) -> torch.Tensor:
         top = p.topk(2, dim=1).values
         return top[:, 0] - top[:, 1]
     return (p * torch.log(p.clamp_min(1e-12))).sum(dim=1)
+
+
+def _take(t: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    """The rows ``rows`` of ``t`` (all of ``t`` for None)."""
+    return t if rows is None else t.index_select(0, rows)
 
 
 def _tracing() -> bool:
@@ -332,52 +347,78 @@ class TreeRouter(nn.Module):
         cur = torch.zeros(N, dtype=torch.long, device=device)  # the node of each input, -1: done
         leaf = torch.full((N,), -1, dtype=torch.long, device=device)
         # hidden layers read by the heads below: node -> (hidden [n_i, H], row of each input
-        # in it [N], -1 for the inputs that did not pass through the node)
-        hidden: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        # in it [N], -1 for the inputs that did not pass through the node; None: all, in order)
+        hidden: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
         nodes: list[torch.Tensor] = []
         confs: list[torch.Tensor] = []
         for d, level in enumerate(self.levels):
-            col_nodes = torch.full((N,), -1, dtype=torch.long, device=device)
-            col_conf: torch.Tensor | None = None
-            at_level = level
-            if d > 0 and eager:  # only the nodes that some input reached (one sync per level)
-                present = set(torch.unique(cur).tolist())
-                at_level = [i for i in level if i in present]
-            for i in at_level:
-                rows = (torch.arange(N, device=device) if d == 0
-                        else torch.nonzero(cur == i).flatten())
+            # (node, the inputs at it): None for all N inputs, in order, so that nothing is
+            # gathered or scattered; so at the root, and in eager mode at a level that all
+            # inputs reach through one node (as every level does for a single input)
+            at_level: list[tuple[int, torch.Tensor | None]] = [(i, None) for i in level]
+            rows_all: torch.Tensor | None = None
+            if d > 0 and eager:
+                # only the nodes that some input reached: the inputs sorted by node (stable, so
+                # in order within a node; the finished ones, -1, first), one sync per level
+                order = torch.argsort(cur, stable=True)
+                counts = torch.bincount(cur + 1, minlength=self.n_nodes + 1).tolist()
+                start, at_level = counts[0], []
+                for i in level:  # a level's nodes in increasing number, as the sort has them
+                    n_i = counts[i + 1]
+                    if n_i:
+                        at_level.append((i, None if n_i == N else order[start:start + n_i]))
+                        start += n_i
+                if at_level and at_level[0][1] is not None:
+                    rows_all = order[counts[0]:]
+            elif d > 0:  # traced: every node, on its (maybe empty) share of the batch
+                at_level = [(i, torch.nonzero(cur == i).flatten()) for i in level]
+                rows_all = torch.cat([r for _, r in at_level if r is not None])
+            if not at_level:  # no input reached this level
+                nodes.append(torch.full((N,), -1, dtype=torch.long, device=device))
+                confs.append(torch.full((N,), float("nan"), dtype=confs[0].dtype, device=device))
+                continue
+            # each node's head on its inputs; then one choice and one scatter for the level
+            probs = []
+            for i, rows in at_level:
                 if i == 0 and self.root_from_parent:
                     p = F.softmax(logits, dim=1) @ self.parent_groups
                 else:
                     src = self.sources[i]
                     if src < 0:
-                        inp = feats if d == 0 else feats.index_select(0, rows)
+                        inp = _take(feats, rows)
                     else:  # the hidden layer of the head above, as computed for these inputs
                         h_src, pos = hidden[src]
-                        inp = h_src.index_select(0, pos.index_select(0, rows))
+                        inp = _take(h_src, rows if pos is None else _take(pos, rows))
                     out, h = self.heads[str(i)](inp)
                     if i in self.read_by_others:
-                        pos = torch.full((N,), -1, dtype=torch.long, device=device)
-                        pos.index_copy_(0, rows, torch.arange(rows.shape[0], device=device))
-                        hidden[i] = (h, pos)
+                        if rows is None:
+                            hidden[i] = (h, None)
+                        else:
+                            pos = torch.full((N,), -1, dtype=torch.long, device=device)
+                            pos.index_copy_(0, rows, torch.arange(rows.shape[0], device=device))
+                            hidden[i] = (h, pos)
                     p = F.softmax(out, dim=1)
-                p = F.pad(p, (0, self.max_children - p.shape[1]))
-                j = p.argmax(dim=1)
-                conf = local_score(p, self.score) if check is None else check.index_select(0, rows)
-                if col_conf is None:
-                    col_conf = torch.full((N,), float("nan"), dtype=conf.dtype, device=device)
-                col_nodes.index_fill_(0, rows, i)
-                col_conf.index_copy_(0, rows, conf)
-                nxt_leaf = self.child_leaf[i].index_select(0, j)
-                nxt_node = self.child_node[i].index_select(0, j)
-                if stop_on_abstain:  # "not >=": a NaN confidence abstains, as in _finish
-                    stop = ~(conf >= self.thresholds[i])
-                    nxt_leaf = torch.where(stop, torch.full_like(nxt_leaf, -1), nxt_leaf)
-                    nxt_node = torch.where(stop, torch.full_like(nxt_node, -1), nxt_node)
-                leaf.index_copy_(0, rows, nxt_leaf)  # -1 until an input reaches its leaf
-                cur.index_copy_(0, rows, nxt_node)
-            if col_conf is None:  # no input reached this level
-                col_conf = torch.full((N,), float("nan"), dtype=confs[0].dtype, device=device)
+                probs.append(F.pad(p, (0, self.max_children - p.shape[1])))
+            P = probs[0] if len(probs) == 1 else torch.cat(probs)
+            ids = _take(cur, rows_all)  # the node of each of these inputs
+            j = P.argmax(dim=1)
+            conf = local_score(P, self.score) if check is None else _take(check, rows_all)
+            nxt_leaf, nxt_node = self.child_leaf[ids, j], self.child_node[ids, j]
+            if stop_on_abstain:  # "not >=": a NaN confidence abstains, as in _finish
+                stop = ~(conf >= self.thresholds.index_select(0, ids))
+                nxt_leaf = torch.where(stop, torch.full_like(nxt_leaf, -1), nxt_leaf)
+                nxt_node = torch.where(stop, torch.full_like(nxt_node, -1), nxt_node)
+            if rows_all is None:
+                nodes.append(ids)
+                confs.append(conf)
+                leaf, cur = nxt_leaf, nxt_node
+                continue
+            col_nodes = torch.full((N,), -1, dtype=torch.long, device=device)
+            col_conf = torch.full((N,), float("nan"), dtype=conf.dtype, device=device)
+            col_nodes.index_copy_(0, rows_all, ids)
+            col_conf.index_copy_(0, rows_all, conf)
+            leaf.index_copy_(0, rows_all, nxt_leaf)  # -1 until an input reaches its leaf
+            cur.index_copy_(0, rows_all, nxt_node)
             nodes.append(col_nodes)
             confs.append(col_conf)
         path_nodes = torch.stack(nodes, dim=1)
