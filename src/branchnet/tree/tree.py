@@ -206,13 +206,17 @@ class BranchTree:
         hierarchy: the class tree (also accepted by :meth:`fit`); default: flat.
         router: ``"parent"``: the root decision comes from the parent's own output (summed over
             each group when the parent predicts classes); ``"learned"``: a head on the tapped
-            layer learns the root decision like every other node.
+            layer learns the root decision like every other node, and at inference the parent
+            runs only up to the tap (cut by torch.fx; the whole parent where fx cannot trace
+            it: ``router_.parent_run`` says which).
         node_input: ``"parent"``: every head reads the parent's tap; ``"branch"``: a node reads
             the hidden layer ``branch_tap`` of the head above it (branches of branches).
         head: factory ``(n_in, n_out) -> nn.Module`` or a dict ``{node: factory}``; default
             :func:`branchnet.models.branch_head` (``n_in -> 256 -> n_out``, dropout 0.5).
         policy: routing policy, one of ``hard``, ``threshold`` (hard, and backs off to the
-            deepest confident node instead of abstaining), ``soft``, ``topk``.
+            deepest confident node instead of abstaining), ``soft``, ``topk``. ``hard`` and
+            ``threshold`` predict running only the heads on each input's path (see
+            :meth:`predict`).
         confidence: the local confidence score of a node, ``msp``, ``margin`` or ``entropy``.
         backoff: predict the deepest confident node instead of abstaining (always on for the
             ``threshold`` policy).
