@@ -48,7 +48,17 @@ from branchnet.selfcheck import TARGETS, SelfCheckHead, fit_selfcheck, selfcheck
 from branchnet.taps import layer_names
 from branchnet.tree.layout import TreeLayout
 from branchnet.tree.prediction import Prediction
-from branchnet.tree.router import LOCAL_SCORES, POLICIES, SCORES, Tapped, TreeRouter, local_score
+from branchnet.tree.router import (
+    LOCAL_SCORES,
+    PATH_POLICIES,
+    POLICIES,
+    SCORES,
+    PathsOnly,
+    Tapped,
+    TreeRouter,
+    local_score,
+    parent_module,
+)
 
 HeadFactory = Callable[[int, int], nn.Module]
 FORMAT_VERSION = 1
@@ -56,6 +66,37 @@ FORMAT_VERSION = 1
 
 class TreeError(BranchnetError, ValueError):
     """The tree cannot be built, fitted or used as asked."""
+
+
+class PathPrediction(Prediction):
+    """The :class:`Prediction` of path-only routing (what :meth:`BranchTree.predict` returns
+    for the ``hard`` and ``threshold`` policies): the same fields, but ``leaf_probs``, the path
+    probability of every class, needs every head, so it is computed on first read and kept.
+    Until then the prediction holds the parent's outputs of its inputs (its tapped features,
+    and its output where the root decision is the parent's): reading ``leaf_probs`` runs every
+    head on those, not the parent again. Accessing it is what ``Prediction.topk`` and
+    ``to_records`` do, and what ``evaluate`` does for its probability metrics.
+    """
+
+    def __init__(self, *args: Any, leaf_probs_of: Callable[[], torch.Tensor] | None = None,
+                 **kwargs: Any):
+        self._leaf_probs: torch.Tensor | None = None
+        self._leaf_probs_of = leaf_probs_of
+        kwargs.setdefault("leaf_probs", None)
+        super().__init__(*args, **kwargs)
+
+    @property  # the dataclass field of Prediction, computed on first read
+    def leaf_probs(self) -> torch.Tensor:
+        if self._leaf_probs is None:
+            if self._leaf_probs_of is None:
+                raise TreeError("this prediction has neither leaf_probs nor a way to compute them")
+            self._leaf_probs = self._leaf_probs_of()
+            self._leaf_probs_of = None  # lets the kept parent features go
+        return self._leaf_probs
+
+    @leaf_probs.setter
+    def leaf_probs(self, value: torch.Tensor | None) -> None:
+        self._leaf_probs = value
 
 
 class ConstantHead(nn.Module):
@@ -165,13 +206,17 @@ class BranchTree:
         hierarchy: the class tree (also accepted by :meth:`fit`); default: flat.
         router: ``"parent"``: the root decision comes from the parent's own output (summed over
             each group when the parent predicts classes); ``"learned"``: a head on the tapped
-            layer learns the root decision like every other node.
+            layer learns the root decision like every other node, and at inference the parent
+            runs only up to the tap (cut by torch.fx; the whole parent where fx cannot trace
+            it: ``router_.parent_run`` says which).
         node_input: ``"parent"``: every head reads the parent's tap; ``"branch"``: a node reads
             the hidden layer ``branch_tap`` of the head above it (branches of branches).
         head: factory ``(n_in, n_out) -> nn.Module`` or a dict ``{node: factory}``; default
             :func:`branchnet.models.branch_head` (``n_in -> 256 -> n_out``, dropout 0.5).
         policy: routing policy, one of ``hard``, ``threshold`` (hard, and backs off to the
-            deepest confident node instead of abstaining), ``soft``, ``topk``.
+            deepest confident node instead of abstaining), ``soft``, ``topk``. ``hard`` and
+            ``threshold`` predict running only the heads on each input's path (see
+            :meth:`predict`).
         confidence: the local confidence score of a node, ``msp``, ``margin`` or ``entropy``.
         backoff: predict the deepest confident node instead of abstaining (always on for the
             ``threshold`` policy).
@@ -541,11 +586,13 @@ class BranchTree:
     def _build_router(self, score: str | None = None) -> None:
         lay = self.layout_
         groups = lay.root_groups() if self.parent_labels == "fine" else torch.eye(lay.n_children[0])
+        # router "learned": the parent's output is not needed, so it stops at the tap if it can
+        parent, how = parent_module(self.parent, self.tap, output_needed=self.router == "parent")
         self.router_ = TreeRouter(
-            lay, Tapped(self.parent, self.tap), self.heads_, self.sources_,
+            lay, parent, self.heads_, self.sources_,
             root_from_parent=self.router == "parent", parent_groups=groups,
             policy="hard" if self.policy == "threshold" else self.policy,
-            score=score or self.confidence, selfcheck=self.selfcheck_,
+            score=score or self.confidence, selfcheck=self.selfcheck_, parent_run=how,
         ).eval()
         self._apply_thresholds()
 
@@ -555,36 +602,86 @@ class BranchTree:
         return self.layout_
 
     # ----------------------------------------------------------------------------- predict
-    def _run(self, x: Any, batch_size: int = 1024) -> tuple[torch.Tensor, ...]:
+    def _inputs(self, x: Any) -> torch.Tensor | Texts:
         self._require_fit()
         x = _as_inputs(x)
         if self.input_shape_ is not None and tuple(x.shape[1:]) != self.input_shape_:
             raise TreeError(f"got {_what(tuple(x.shape[1:]))} but the tree was fitted on "
                             f"{_what(self.input_shape_)}")
+        return x
+
+    def _run(self, x: Any, batch_size: int = 1024) -> tuple[torch.Tensor, ...]:
+        """The router's all-heads forward over ``x`` in batches: ``(leaf, path_nodes,
+        path_conf, stop_level, leaf_probs)``."""
+        x = self._inputs(x)
         outs = []
         with torch.inference_mode():
             for start in range(0, len(x), batch_size):
                 outs.append(self.router_(x[start:start + batch_size]))
         return tuple(torch.cat(parts) for parts in zip(*outs, strict=True))
 
-    def predict(self, x: Any) -> Prediction:
-        """Route inputs down the tree: labels, paths, per-level confidence, abstentions."""
-        leaf, path_nodes, path_conf, stop, leaf_probs = self._run(x)
-        label = torch.where(stop >= 0, torch.full_like(leaf, -1), leaf)
+    def _run_paths(self, x: Any, batch_size: int = 1024, keep_features: bool = False
+                   ) -> tuple[tuple[torch.Tensor, ...], list[tuple[torch.Tensor, torch.Tensor]]]:
+        """Path-only routing (:meth:`TreeRouter.forward_paths`) over ``x`` in batches:
+        ``(leaf, path_nodes, path_conf, stop_level)``, and, with ``keep_features``, the
+        parent's ``(output, tap)`` of each batch."""
+        x = self._inputs(x)
+        router = self.router_
+        outs, kept = [], []
+        with torch.inference_mode():
+            for start in range(0, len(x), batch_size):
+                logits, feats = router.features(x[start:start + batch_size])
+                check = router.selfcheck_score(feats) if router.score == "selfcheck" else None
+                outs.append(router.paths_from(logits, feats, check))
+                if keep_features:
+                    kept.append((logits, feats))
+        return tuple(torch.cat(parts) for parts in zip(*outs, strict=True)), kept
+
+    def _paths_only(self) -> bool:
+        """Whether routing follows one child per node (hard / threshold): only the heads on each
+        input's path need to run."""
+        return self.policy in PATH_POLICIES
+
+    def predict(self, x: Any, *, all_heads: bool = False) -> Prediction:
+        """Route inputs down the tree: labels, paths, per-level confidence, abstentions.
+
+        With the ``hard`` and ``threshold`` policies only the heads on each input's path run
+        (:meth:`TreeRouter.forward_paths`), and the result is a :class:`PathPrediction`, whose
+        ``leaf_probs`` run the other heads when first read. ``soft``/``topk`` (which choose
+        among every leaf's probability) and ``all_heads=True`` run every head on every input
+        in one pass and fill ``leaf_probs`` at once. Both give the same outputs.
+        """
         lay = self._require_fit()
-        return Prediction(label=label, leaf=leaf, path_nodes=path_nodes, path_conf=path_conf,
-                          stop_level=stop, leaf_probs=leaf_probs, nodes=list(lay.nodes),
-                          classes=list(lay.classes), thresholds=self.thresholds_list(),
-                          backoff=self.backoff or self.policy == "threshold")
+        common = {"nodes": list(lay.nodes), "classes": list(lay.classes),
+                  "thresholds": self.thresholds_list(),
+                  "backoff": self.backoff or self.policy == "threshold"}
+        if all_heads or not self._paths_only():
+            leaf, path_nodes, path_conf, stop, leaf_probs = self._run(x)
+            label = torch.where(stop >= 0, torch.full_like(leaf, -1), leaf)
+            return Prediction(label=label, leaf=leaf, path_nodes=path_nodes, path_conf=path_conf,
+                              stop_level=stop, leaf_probs=leaf_probs, **common)
+        (leaf, path_nodes, path_conf, stop), kept = self._run_paths(x, keep_features=True)
+        label = torch.where(stop >= 0, torch.full_like(leaf, -1), leaf)
+        router = self.router_
+        n_classes = len(lay.classes)
+
+        def leaf_probs_of() -> torch.Tensor:
+            with torch.inference_mode():
+                parts = [router.leaf_probs(router.probs_from(lg, f)) for lg, f in kept]
+            return torch.cat(parts) if parts else torch.zeros(0, n_classes)
+
+        return PathPrediction(label=label, leaf=leaf, path_nodes=path_nodes, path_conf=path_conf,
+                              stop_level=stop, leaf_probs_of=leaf_probs_of, **common)
 
     def predict_proba(self, x: Any) -> torch.Tensor:
-        """``[N, C]`` class probabilities: the product of probabilities along each path."""
+        """``[N, C]`` class probabilities: the product of probabilities along each path (every
+        head runs on every input)."""
         return self._run(x)[4]
 
     def score(self, x: Any, y: Any) -> float:
         """Accuracy of the routed class, ignoring abstention (scikit-learn convention); ``y``
-        holds class indices or names."""
-        leaf = self._run(x)[0]
+        holds class indices or names. Hard / threshold routing runs only the heads on the path."""
+        leaf = self._run_paths(x)[0][0] if self._paths_only() else self._run(x)[0]
         return float((leaf == _labels(y, self.classes_)[0]).float().mean())
 
     def node_proba(self, node: str, x: Any) -> torch.Tensor:
@@ -784,13 +881,21 @@ class BranchTree:
         return tree
 
     def to_torchscript(self, path: str | Path | None = None,
-                       example: torch.Tensor | None = None) -> torch.jit.ScriptModule:
+                       example: torch.Tensor | None = None, *,
+                       paths_only: bool = False) -> torch.jit.ScriptModule:
         """Trace the whole tree (parent, heads, routing, thresholds) into TorchScript.
 
         The traced module returns ``(leaf, path_nodes, path_conf, stop_level, leaf_probs)``,
-        the same tensors :meth:`predict` builds its :class:`Prediction` from.
+        the same tensors :meth:`predict` builds its :class:`Prediction` from: the all-heads
+        forward of :class:`TreeRouter`. With ``paths_only=True`` (``hard`` / ``threshold``
+        policies) it traces :meth:`TreeRouter.forward_paths` instead and returns the first
+        four only; traced, every head runs on the inputs at its node, an empty batch where none
+        are (the eager path skips those nodes), so the trace holds for any batch.
         """
         self._require_fit()
+        if paths_only and not self._paths_only():
+            raise TreeError(f"paths_only=True routes one child per node (policies "
+                            f"{list(PATH_POLICIES)}); the {self.policy} policy needs every head")
         if self.input_shape_ == ():
             raise TreeError("a tree on texts cannot be traced to TorchScript: its parent "
                             "tokenizes strings in Python; save() it and BranchTree.load() instead")
@@ -799,7 +904,8 @@ class BranchTree:
                 raise TreeError("pass example=... (a batch of inputs) to trace the tree")
             example = torch.zeros(2, *self.input_shape_)
         with torch.no_grad():
-            traced = torch.jit.trace(self.router_, (example,), check_trace=False)
+            module = PathsOnly(self.router_) if paths_only else self.router_
+            traced = torch.jit.trace(module, (example,), check_trace=False)
         if path is not None:
             torch.jit.save(traced, str(path))
         return traced
