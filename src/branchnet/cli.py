@@ -8,14 +8,15 @@
     branchnet KIND eval RUN [--split test]   re-evaluate a run's saved model
     branchnet KIND compare RUN [RUN ...]     mean ± std of finished runs (e.g. seeds)
     branchnet tree predict RUN INPUT         route images / arrays / texts through a saved tree
+    branchnet exits predict RUN INPUT        answer inputs with early exits (each stops early)
     branchnet vbranch oneshot --runs DIR --run RUN   20-way one-shot accuracy of an embedding run
     branchnet vbranch sweep CONFIG ...       K x shared_frac x bagging x seeds, then compare
     branchnet analyze specialization RUN     how a branched layer's units organise by branch
 
 KIND is one of the registered run kinds (:mod:`branchnet.kinds`): ``tree``, ``model``,
-``vbranch``, ``plastic``. A user's mistake (a bad config value, a missing file, a damaged
-checkpoint) is one line, ``branchnet: error: ...``, exit status 2, before any work starts;
-``--debug`` shows its traceback too.
+``vbranch``, ``plastic``, ``probe``, ``exits``. A user's mistake (a bad config value, a
+missing file, a damaged checkpoint) is one line, ``branchnet: error: ...``, exit status 2,
+before any work starts; ``--debug`` shows its traceback too.
 """
 
 from __future__ import annotations
@@ -218,6 +219,25 @@ def cmd_tree_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_exits_predict(args: argparse.Namespace) -> int:
+    from branchnet.exits.experiment import load_run_exits
+    from branchnet.metrics import format_table
+    from branchnet.runs import Run
+
+    me = load_run_exits(Run.open(args.run))
+    if me.preprocessing_.get("layout") == "text":
+        x, names = read_texts(args.input, me.preprocessing_)
+    else:
+        x, names = read_inputs(Path(args.input), me.preprocessing_)
+    rows = me.predict(x, batch_size=args.batch_size).rows()
+    if args.json:
+        for name, rec in zip(names, rows, strict=True):
+            print(json.dumps({"input": name, **rec}))
+    else:
+        print(format_table([{"input": n, **r} for n, r in zip(names, rows, strict=True)]))
+    return 0
+
+
 def _analysis_target(run_dir: str) -> tuple[Any, Any, str | None]:
     """(model, data, default layer) of a classifier run or of a tree run (its parent)."""
     from branchnet import zoo
@@ -384,6 +404,15 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--top", type=int, default=1, help="also list the k most probable classes")
     pr.add_argument("--json", action="store_true", help="one JSON object per input")
     pr.set_defaults(func=cmd_tree_predict)
+
+    ep = groups["exits"].add_parser("predict", help="answer inputs with a run's early exits "
+                                    "(each input stops at its exit)")
+    ep.add_argument("run")
+    ep.add_argument("input", help="an image, a folder of images, or a .npy/.npz array; for "
+                    "texts: a text, a .txt file (one per line), a .jsonl or .csv file")
+    ep.add_argument("--batch-size", type=int, default=64)
+    ep.add_argument("--json", action="store_true", help="one JSON object per input")
+    ep.set_defaults(func=cmd_exits_predict)
 
     v = groups["vbranch"]
     vo = v.add_parser("oneshot", help="20-way one-shot accuracy of a trained embedding run")

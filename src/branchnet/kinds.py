@@ -6,7 +6,7 @@ by module path so that ``branchnet --help`` starts without importing every kind 
 
 Example:
     >>> sorted(KINDS)
-    ['model', 'plastic', 'probe', 'tree', 'vbranch']
+    ['exits', 'model', 'plastic', 'probe', 'tree', 'vbranch']
     >>> get("tree").kind
     'tree'
 """
@@ -43,6 +43,9 @@ KINDS: dict[str, Kind] = {
     "plastic": Kind("branchnet.plastic.experiment:PlasticExperiment",
                     "plasticity: dynamic sparse training, plastic paths",
                     "plastic YAML (see configs/plastic-*.yaml)", "sparsity.density=0.05"),
+    "exits": Kind("branchnet.exits.experiment:ExitsExperiment",
+                  "early exits on a frozen parent: calibrated, staged, measured in FLOPs",
+                  "exits YAML (see configs/exits-*.yaml)", "calibration.epsilon=0.02"),
     "probe": Kind("branchnet.probing:ProbeExperiment",
                   "linear probes on every layer of a frozen (pretrained) parent",
                   "probe YAML (e.g. configs/probe-debian.yaml)", "parent.model.max_length=64"),

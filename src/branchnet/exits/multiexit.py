@@ -271,11 +271,11 @@ class MultiExit:
             cols.append(torch.softmax(out.float(), 1))
         return torch.stack(cols, dim=1)
 
-    def decide(self, probs: torch.Tensor, threshold: float | list[float] | None = None
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(answers [N], exits [N])`` of the exit rule at ``threshold`` (default the fitted
-        one) on every exit's probabilities ``probs [N, E + 1, C]``."""
-        scores = exit_scores(probs[:, :-1], self.rule)
+    def decide(self, probs: torch.Tensor, threshold: float | list[float] | None = None, *,
+               rule: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(answers [N], exits [N])`` of the exit rule (default this one's) at ``threshold``
+        (default the fitted one) on every exit's probabilities ``probs [N, E + 1, C]``."""
+        scores = exit_scores(probs[:, :-1], rule or self.rule)
         thr = self._threshold(threshold)
         exits = exit_at(scores, thr)
         answers = probs.argmax(dim=2).gather(1, exits[:, None])[:, 0]

@@ -98,7 +98,7 @@ class Prediction:
     def to_records(self, k: int = 1) -> list[dict[str, Any]]:
         """One JSON-able dict per input (what ``branchnet tree predict`` prints)."""
         out = []
-        probs, idx = self.topk(k)
+        probs, idx = self.topk(k) if k > 1 else (None, None)  # top-k needs every head's output
         confidence, abstained = self.confidence.tolist(), self.abstained.tolist()  # once, not per row
         for i in range(len(self)):
             levels = [
