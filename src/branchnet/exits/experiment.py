@@ -182,7 +182,6 @@ class ExitsExperiment(Experiment):
                          "calibration inputs: every input runs the full parent")
         me.save(run.path / "exits")
         result.update(self.measure(me, data.test))
-        result["calibration"] = me.calibration_ or {"method": "fixed", "threshold": c["threshold"]}
         result["fit"] = me.fit_summary_
         result["splittable"] = {"splittable": me.stages_.splittable, "reason": me.stages_.reason,
                                 "stages": type(me.stages_).__name__}
@@ -194,6 +193,7 @@ class ExitsExperiment(Experiment):
         b = cfg["baselines"]
         probs = me.exit_probs(split)
         result = evaluate_exits(me, probs, split.y, fixed=b["thresholds"], patience=b["patience"])
+        result["calibration"] = me.calibration_ or {"method": "fixed", "threshold": me.threshold}
         self.say(f"staged     inference over {len(split)} test inputs, stopping at the exits")
         pred = me.predict(split.x)
         _, sim_exits = me.decide(probs)
