@@ -40,6 +40,10 @@ CONFIGS: dict[str, dict[str, Any]] = {
                   "tree": {"head_train": TINY_TRAIN}, "progress": False},
     "probe": {"name": "probe", "data": {"source": "train.jsonl", "test_source": "test.jsonl"},
               "parent": {"model": {"kind": "transformer", "source": "tiny"}}, "progress": False},
+    "exits": {"name": "ex", "data": {"source": "digits", "max_per_class": 30},
+              "parent": {"model": {"kind": "mlp", "sizes": ["auto", 16, 16]}, "train": TINY_TRAIN},
+              "exits": {"taps": ["hidden.0", "hidden.1"], "head_train": TINY_TRAIN},
+              "progress": False},
     "plastic": {"name": "pl", "data": {"source": "digits", "max_per_class": 30},
                 "model": {"kind": "mlp", "sizes": ["auto", 16]},
                 "sparsity": {"rule": "rigl", "density": 0.2}, "train": TINY_TRAIN,
@@ -118,6 +122,14 @@ FIT_CASES: list[tuple[str, list[str], str]] = [
     ("tree-text", ["data.test_source=missing.jsonl"], "data.test_source must be an existing file"),
     ("tree-text", ["parent.weights=train.jsonl"], "parent.weights must be null for a transformer parent"),
     ("tree-text", ["tree.selfcheck.fraction=1"], "tree.selfcheck.fraction must be a number in (0, 1)"),
+    ("exits", ["exits.taps=[hidden.1, hidden.0]"], "taps must be in the order the parent runs them"),
+    ("exits", ["exits.taps=[head.x]"], "taps must be layers of the parent, got ['head.x']"),
+    ("exits", ["exits.taps=[]"], "taps must name at least one layer of the parent, got []"),
+    ("exits", ["calibration.epsilon=0"], "calibration.epsilon must be a number in (0, 1), got 0"),
+    ("exits", ["calibration.delta=1"], "calibration.delta must be a number in (0, 1), got 1"),
+    ("exits", ["calibration.kind=speed"], "calibration.kind must be one of ['consistency', 'accuracy']"),
+    ("exits", ["exits.rule=fast"], "exits.rule must be one of ['msp', 'margin', 'entropy', 'patience']"),
+    ("exits", ["calibration.threshold=[0.5]"], "calibration.threshold must be one number or one per exit"),
     ("probe", ["layers=[layer.9]"], "layers must be taps of the parent, got ['layer.9']"),
     ("probe", ["targets=[sections]"], "targets"),
 ]
@@ -289,7 +301,7 @@ def test_shipped_configs_pass_their_schema() -> None:
     from branchnet.config import read_yaml
 
     prefixes = {"vbranch": "vbranch", "plastic": "plastic", "specialization": "model",
-                "probe": "probe"}
+                "probe": "probe", "exits": "exits"}
     for path in sorted((ROOT / "configs").glob("*.yaml")):
         kind = next((k for p, k in prefixes.items() if path.name.startswith(p)), "tree")
         kinds.get(kind).schema.model_validate(read_yaml(path))

@@ -1,5 +1,6 @@
 """The ``exits`` run kind end to end: fit / eval / predict / compare on digits and on texts
-(tiny random transformer, run layer by layer), and its bad-input messages."""
+(tiny random transformer, run layer by layer). Its bad-input messages are cases of
+``tests/test_errors_doc.py``."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 
 from branchnet.exits import MultiExit
@@ -75,23 +75,8 @@ def test_text_multiexit_staged_equals_cached(tmp_path: Path) -> None:
     probs = me.exit_probs(test)
     thr = float(probs[:, 0].max(1).values.median())  # half the texts leave early
     pred = me.predict(test.x, threshold=thr, batch_size=16)
-    answers, exits = me.decide(probs, thr)
+    _, exits = me.decide(probs, thr)
     assert (pred.exits == exits).float().mean() > 0.95
     assert set(exits.tolist()) == {0, 1}
     full = torch.softmax(parent(test.x), 1)
     torch.testing.assert_close(probs[:, -1], full, atol=1e-4, rtol=1e-3)
-
-
-@pytest.mark.parametrize(("change", "match"), [
-    ({"exits": {"taps": ["hidden.1", "hidden.0"]}}, "order"),
-    ({"exits": {"taps": ["nope"]}}, "taps must be layers of the parent"),
-    ({"calibration": {"epsilon": 1.5}}, "calibration.epsilon"),
-    ({"calibration": {"delta": 0}}, "calibration.delta"),
-    ({"calibration": {"method": "fixed", "threshold": [0.5]}}, "one per exit"),
-])
-def test_cli_exits_bad_input(tmp_path: Path, change: dict, match: str) -> None:
-    cfg = {**DIGITS, **{k: {**DIGITS.get(k, {}), **v} for k, v in change.items()}}
-    code, out, err = run_cli(["exits", "fit", str(write_config(tmp_path / "b.yaml", cfg)),
-                              "--out", str(tmp_path / "runs")])
-    assert code == 2 and match in err, err
-    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())

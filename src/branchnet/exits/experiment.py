@@ -34,6 +34,7 @@ from branchnet.exits.evaluate import (
 )
 from branchnet.exits.multiexit import HEAD_TRAIN_DEFAULTS, MultiExit
 from branchnet.exits.rules import RULES
+from branchnet.exits.stages import StageError
 from branchnet.protocol import Experiment
 from branchnet.report import Report
 from branchnet.runs import Run
@@ -146,7 +147,10 @@ class ExitsExperiment(Experiment):
                                                        seed=cfg["seed"])
         self.say(f"validation {len(self.select)} inputs for early stopping, "
                  f"{len(self.calibration)} held out for calibration only")
-        self.exits = self.make_exits()  # bad taps fail here, before the run folder exists
+        try:  # bad taps fail here, before the run folder exists
+            self.exits = self.make_exits()
+        except StageError as e:
+            raise ConfigError(f"exits.{e}") from e
         if not self.exits.stages_.splittable:
             self.say(f"warning    {self.exits.stages_.reason}: no compute is saved")
 
