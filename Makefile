@@ -35,6 +35,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_vbranch.py
 	$(BIN)/python benchmarks/bench_plastic.py
 	$(BIN)/python benchmarks/bench_text.py
+	$(BIN)/python benchmarks/bench_tree_paths.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache build src/*.egg-info
