@@ -82,9 +82,9 @@ def evaluate_exits(me: MultiExit, probs: torch.Tensor, y: torch.Tensor, *,
     return out
 
 
-def time_inference(me: MultiExit, x: Any, batch_sizes: list[int], *, repeats: int = 1
+def time_inference(me: MultiExit, x: Any, batch_sizes: list[int], *, repeats: int = 3
                    ) -> list[dict[str, Any]]:
-    """Seconds per input of staged early-exit inference and of the full parent, side by side
+    """Milliseconds per input of staged early-exit inference and of the full parent, side by side
     in one run, at each batch size (the better of ``repeats`` runs each)."""
     memo = getattr(me.parent, "memo", None)
     if memo is not None:  # a text parent's memo of recent batches would time nothing
@@ -93,6 +93,8 @@ def time_inference(me: MultiExit, x: Any, batch_sizes: list[int], *, repeats: in
     try:
         for bs in batch_sizes:
             n = (len(x) // bs) * bs or len(x)
+            model_outputs(me.parent, x[:bs], batch_size=bs)  # warm-up: first calls set up
+            me.predict(x[:bs], batch_size=bs)
             t_full, t_exit = [], []
             for _ in range(repeats):
                 t0 = time.perf_counter()
