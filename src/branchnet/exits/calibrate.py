@@ -7,17 +7,23 @@ answers that differ from the full model's. :func:`calibrate_exit_threshold` pick
 
 * ``kind="consistency"``: P(early answer ≠ full model's answer) ≤ ``epsilon`` (as CALM), or
 * ``kind="accuracy"``: P(early answer wrong and full answer right) ≤ ``epsilon``, which bounds
-  the accuracy drop against the full model by ``epsilon``.
+  the accuracy drop against the full model by ``epsilon`` (conservatively: early answers that
+  are right where the full model is wrong are not counted in their favour), or
+* ``kind="accuracy_drop"``: the accuracy drop itself, accuracy(full) − accuracy(early) ≤
+  ``epsilon``: the loss per input is +1 (early wrong, full right), −1 (early right, full
+  wrong) or 0.
 
-Both losses are 0/1, so each hypothesis ``H_λ: risk(λ) > epsilon`` has an exact binomial
-p-value; the grid is tested in a fixed sequence from the most conservative ``λ`` down, stopping
-at the first ``H_λ`` not rejected at level ``delta``. Fixed-sequence testing controls the
-family-wise error at ``delta`` without any monotonicity of the risk in ``λ``, so the returned
-``λ`` meets the bound with probability ≥ ``1 - delta`` (Angelopoulos, Bates, Candès, Jordan,
-Lei: "Learn then Test: Calibrating Predictive Algorithms to Achieve Risk Control", 2021, §3 and
-Proposition 1; Schuster et al., "Confident Adaptive Language Modeling", NeurIPS 2022, applies it
-to early exits). Written here because no well-kept library implements LTT for exits; the
-binomial tail comes from SciPy.
+The first two losses are 0/1, so each hypothesis ``H_λ: risk(λ) > epsilon`` has an exact
+binomial p-value; the signed loss of ``accuracy_drop`` gets the betting p-value of
+:func:`betting_p_value` (Waudby-Smith & Ramdas, "Estimating means of bounded random variables by
+betting", 2023; the WSR bound LTT and RCPS use), valid for any bounded loss. The grid is tested
+in a fixed sequence from the most conservative ``λ`` down, stopping at the first ``H_λ`` not
+rejected at level ``delta``. Fixed-sequence testing controls the family-wise error at ``delta``
+without any monotonicity of the risk in ``λ``, so the returned ``λ`` meets the bound with
+probability ≥ ``1 - delta`` (Angelopoulos, Bates, Candès, Jordan, Lei: "Learn then Test:
+Calibrating Predictive Algorithms to Achieve Risk Control", 2021, §3 and Proposition 1; Schuster
+et al., "Confident Adaptive Language Modeling", NeurIPS 2022, applies it to early exits). Written
+here because no well-kept library implements LTT for exits; the binomial tail comes from SciPy.
 
 Example:
     >>> import torch
@@ -41,10 +47,10 @@ from scipy import stats
 
 from branchnet.errors import BranchnetError
 
-__all__ = ["KINDS", "ExitCalibration", "ExitError", "binomial_p_value",
+__all__ = ["KINDS", "ExitCalibration", "ExitError", "betting_p_value", "binomial_p_value",
            "calibrate_exit_threshold", "exit_at"]
 
-KINDS = ("consistency", "accuracy")
+KINDS = ("consistency", "accuracy", "accuracy_drop")
 
 
 class ExitError(BranchnetError, ValueError):
@@ -89,6 +95,31 @@ def binomial_p_value(losses: int, n: int, epsilon: float) -> float:
     return float(stats.binom.cdf(losses, n, epsilon))
 
 
+def betting_p_value(losses: np.ndarray | torch.Tensor, epsilon: float, delta: float,
+                    seed: int = 0) -> float:
+    """A p-value of ``H: E[loss] >= epsilon`` for i.i.d. losses in [-1, 1]: ``1 / max_t K_t``
+    of the test supermartingale ``K_t = prod_i (1 + b_i (a - x_i))`` on the losses mapped to
+    ``x = (loss + 1) / 2`` in [0, 1], ``a = (epsilon + 1) / 2``, with WSR's predictable bets
+    ``b_i`` (from the running variance, capped so every factor stays positive) over a seeded
+    random order. Valid by Ville's inequality; adaptive to small variance (most losses 0).
+
+    >>> round(betting_p_value(np.zeros(2000), 0.01, 0.1), 4) < 0.1   # no loss at all: reject
+    True
+    >>> betting_p_value(np.full(500, 0.2), 0.01, 0.1)                # loss 0.2 > 0.01: keep H
+    1.0
+    """
+    x = (np.asarray(losses, dtype=float) + 1.0) / 2.0
+    x = x[np.random.default_rng(seed).permutation(len(x))]
+    a, n = (epsilon + 1.0) / 2.0, len(x)
+    t = np.arange(1, n + 1)
+    mu = (0.5 + np.cumsum(x)) / (t + 1)
+    var = (0.25 + np.cumsum((x - mu) ** 2)) / (t + 1)
+    var_before = np.concatenate([[0.25], var[:-1]])  # predictable: from x_1 .. x_{i-1}
+    bets = np.minimum(np.sqrt(2 * np.log(1 / delta) / (n * var_before)), 0.5 / (1 - a))
+    log_wealth = np.cumsum(np.log1p(bets * (a - x)))
+    return float(min(1.0, np.exp(-log_wealth.max())))
+
+
 def exit_at(scores: torch.Tensor, threshold: float | list[float]) -> torch.Tensor:
     """``[N]`` the exit each input takes: the first early exit (0 .. E-1) whose score reaches
     ``threshold`` (one for all exits, or one per exit), else ``E`` (the full model)."""
@@ -102,9 +133,12 @@ def _losses(scores: torch.Tensor, early: torch.Tensor, full: torch.Tensor,
     exits = exit_at(scores, threshold)
     answers = torch.cat([early, full[:, None]], dim=1).gather(1, exits[:, None])[:, 0]
     if kind == "consistency":
-        return answers != full, exits
+        return (answers != full).float(), exits
     assert y is not None
-    return (answers != y) & (full == y), exits
+    worse = ((answers != y) & (full == y)).float()
+    if kind == "accuracy":
+        return worse, exits
+    return worse - ((answers == y) & (full != y)).float(), exits
 
 
 def calibrate_exit_threshold(
@@ -123,7 +157,7 @@ def calibrate_exit_threshold(
 
     ``scores [N, E]``: the confidence of each of the ``E`` early exits (higher = surer);
     ``early [N, E]``: their answers; ``full [N]``: the full model's answers; ``y [N]``: labels
-    (needed by ``kind="accuracy"``). ``grid``: candidate thresholds (default: 200 quantiles of
+    (needed by the accuracy kinds). ``grid``: candidate thresholds (default: 200 quantiles of
     the scores plus their maximum); they are tested from the highest down.
     """
     epsilon, delta = _check_unit("epsilon", epsilon), _check_unit("delta", delta)
@@ -134,9 +168,9 @@ def calibrate_exit_threshold(
     if scores.ndim != 2 or early.shape != scores.shape or full.shape != scores.shape[:1]:
         raise ExitError(f"scores and early answers must be [N, E] and the full answers [N]; got "
                         f"{tuple(scores.shape)}, {tuple(early.shape)}, {tuple(full.shape)}")
-    if kind == "accuracy":
+    if kind != "consistency":
         if y is None:
-            raise ExitError("kind='accuracy' needs the labels y")
+            raise ExitError(f"kind={kind!r} needs the labels y")
         y = torch.as_tensor(y)
     n = len(full)
     if n == 0:
@@ -149,9 +183,9 @@ def calibrate_exit_threshold(
     best: float | None = None
     for lam in order:
         loss, _ = _losses(scores, early, full, y, float(lam), kind)
-        k = int(loss.sum())
-        p = binomial_p_value(k, n, epsilon)
-        tested.append((float(lam), k / n, p))
+        p = (betting_p_value(loss.numpy(), epsilon, delta) if kind == "accuracy_drop"
+             else binomial_p_value(int(loss.sum()), n, epsilon))
+        tested.append((float(lam), float(loss.mean()), p))
         if p > delta:
             break
         best = float(lam)

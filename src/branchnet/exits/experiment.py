@@ -30,6 +30,7 @@ from branchnet.exits.evaluate import (
     evaluate_exits,
     plot_accuracy_flops,
     plot_exit_histogram,
+    point,
     time_inference,
 )
 from branchnet.exits.multiexit import HEAD_TRAIN_DEFAULTS, MultiExit
@@ -185,19 +186,30 @@ class ExitsExperiment(Experiment):
                          f"with probability >= {1 - c['delta']:.2f} on {len(self.calibration)} "
                          "calibration inputs: every input runs the full parent")
         me.save(run.path / "exits")
-        result.update(self.measure(me, data.test))
+        result.update(self.measure(me, data.test, self.calibration))
         result["fit"] = me.fit_summary_
         result["splittable"] = {"splittable": me.stages_.splittable, "reason": me.stages_.reason,
                                 "stages": type(me.stages_).__name__}
         return result
 
-    def measure(self, me: MultiExit, split: Any) -> dict[str, Any]:
-        """Metrics on ``split`` from the cache, the staged check and the timing."""
-        cfg = self.cfg
+    def measure(self, me: MultiExit, split: Any, calibration: Any) -> dict[str, Any]:
+        """Metrics on ``split`` from the cache (with the operating point every calibration
+        kind picks on ``calibration`` at the config's ε and δ), the staged check, the timing."""
+        cfg, c = self.cfg, self.cfg["calibration"]
         b = cfg["baselines"]
         probs = me.exit_probs(split)
         result = evaluate_exits(me, probs, split.y, fixed=b["thresholds"], patience=b["patience"])
         result["calibration"] = me.calibration_ or {"method": "fixed", "threshold": me.threshold}
+        cprobs = me.exit_probs(calibration)
+        result["by_kind"] = []
+        for kind in KINDS:
+            cal = me.threshold_for(cprobs, calibration.y, epsilon=c["epsilon"], delta=c["delta"],
+                                   kind=kind)
+            answers, exits = me.decide(probs, cal.threshold)
+            result["by_kind"].append({"kind": kind, "threshold": cal.threshold,
+                                      "feasible": cal.feasible,
+                                      **point(probs, answers, exits, me.exit_flops,
+                                              me.parent_flops, split.y)})
         self.say(f"staged     inference over {len(split)} test inputs, stopping at the exits")
         pred = me.predict(split.x)
         _, sim_exits = me.decide(probs)
@@ -228,6 +240,9 @@ class ExitsExperiment(Experiment):
         if not result["splittable"]["splittable"]:
             rep.add_text(f"the parent could not be cut at the taps ({result['splittable']['reason']}):"
                          " every input ran the whole parent", muted=True)
+        rep.add_heading(f"Calibrated operating points at ε = {self.cfg['calibration']['epsilon']}"
+                        f", δ = {self.cfg['calibration']['delta']}, by risk")
+        rep.add_table([_point_row(r) for r in result["by_kind"]])
         rep.add_heading("Each exit alone")
         rep.add_table(result["exits_alone"])
         rep.add_heading("Fixed thresholds (SDN-style)")
@@ -287,7 +302,7 @@ class ExitsExperiment(Experiment):
         self.setup()  # the same data and calibration split as the run
         me = MultiExit.load(run.path / "exits", self.parent, cache_dir=self.cfg["exits"]["cache_dir"],
                             progress=self.cfg["progress"])
-        result = self.measure(me, self.data.splits()[split])
+        result = self.measure(me, self.data.splits()[split], self.calibration)
         return result, {f"eval-{split}-{k}": v for k, v in self._figures.items()}
 
     @classmethod

@@ -307,15 +307,21 @@ class MultiExit:
         if not isinstance(data, Split):
             raise ExitError(f"calibrate expects a Split of held-out inputs and labels, got "
                             f"{type(data).__name__}")
-        probs = self.exit_probs(data)
-        scores = exit_scores(probs[:, :-1], self.rule)
-        answers = probs.argmax(dim=2)
-        grid = (np.arange(1, self.n_exits + 1, dtype=float) if self.rule == "patience" else None)
-        cal = calibrate_exit_threshold(scores, answers[:, :-1], answers[:, -1], data.y,
-                                       epsilon=epsilon, delta=delta, kind=kind, grid=grid)
+        cal = self.threshold_for(self.exit_probs(data), data.y, epsilon=epsilon, delta=delta,
+                                 kind=kind)
         self.calibration_ = {**cal.to_dict(), "rule": self.rule}
         self.calibration_result_: ExitCalibration = cal
         return self
+
+    def threshold_for(self, probs: torch.Tensor, y: torch.Tensor, *, epsilon: float,
+                      delta: float, kind: str) -> ExitCalibration:
+        """The Learn-then-Test threshold of this rule on held-out exit probabilities
+        ``probs [N, E + 1, C]`` with labels ``y`` (what :meth:`calibrate` sets)."""
+        scores = exit_scores(probs[:, :-1], self.rule)
+        answers = probs.argmax(dim=2)
+        grid = (np.arange(1, self.n_exits + 1, dtype=float) if self.rule == "patience" else None)
+        return calibrate_exit_threshold(scores, answers[:, :-1], answers[:, -1], y,
+                                        epsilon=epsilon, delta=delta, kind=kind, grid=grid)
 
     # ----------------------------------------------------------------- staged inference
     def predict(self, x: Any, *, batch_size: int = 256,
