@@ -59,7 +59,7 @@ HeadTrain = with_defaults(TrainSection, **HEAD_TRAIN_DEFAULTS)
 class ExitsParent(Section):
     model: dict[str, Any] = Field(
         default_factory=lambda: {"kind": "mlp", "sizes": ["auto", 128, 128, 64]})
-    #: a safetensors file; null: train the parent here (a transformer: its probe)
+    #: a safetensors file; null: train the parent here (a transformer: its probe, on the cache)
     weights: str | None = None
     train: ParentTrain = Field(default_factory=ParentTrain)  # type: ignore[valid-type]
 
@@ -159,7 +159,8 @@ class ExitsExperiment(Experiment):
         e = self.cfg["exits"]
         return MultiExit(self.parent, e["taps"], head=e["head"], rule=e["rule"],
                          threshold=self.cfg["calibration"]["threshold"], train_probe=self.text,
-                         head_train=self.train_config(e["head_train"]), workdir=workdir,
+                         head_train=self.train_config(e["head_train"]),
+                         probe_train=self.train_config(self.cfg["parent"]["train"]), workdir=workdir,
                          cache_dir=e["cache_dir"], progress=self.cfg["progress"])
 
     def fit(self, run: Run, resume: bool) -> dict[str, Any]:

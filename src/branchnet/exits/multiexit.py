@@ -119,6 +119,7 @@ class MultiExit:
             reads ``probe_layer``, such as :class:`~branchnet.text.TextParent`) on cached
             features first: its output is the last exit.
         head_train: training of each head (``TrainConfig`` or a dict).
+        probe_train: training of the probe (default: as ``head_train``).
         workdir: checkpoints (resumable); default a temporary folder.
         cache_dir: the activation cache (default ``$BRANCHNET_CACHE_DIR/activations``).
         cache_dtype: ``float32`` (default: the staged features then equal the cached ones) or
@@ -128,11 +129,13 @@ class MultiExit:
     def __init__(self, parent: nn.Module, taps: list[str], *, head: dict[str, Any] | None = None,
                  rule: str = "msp", threshold: float | list[float] | None = None,
                  train_probe: bool = False, head_train: TrainConfig | dict | None = None,
+                 probe_train: TrainConfig | dict | None = None,
                  workdir: str | Path | None = None, cache_dir: str | Path | None = None,
                  cache_dtype: str = "float32", progress: bool = True) -> None:
         self.parent, self.taps, self.head = parent, taps, head
         self.rule, self.threshold, self.train_probe = rule, threshold, train_probe
-        self.head_train, self.workdir, self.cache_dir = head_train, workdir, cache_dir
+        self.head_train, self.probe_train = head_train, probe_train
+        self.workdir, self.cache_dir = workdir, cache_dir
         self.cache_dtype, self.progress = cache_dtype, progress
         if rule not in RULES:
             raise ExitError(f"rule must be one of {list(RULES)}, got {rule!r}")
@@ -205,8 +208,10 @@ class MultiExit:
         if self.train_probe and probe is not None:
             module, layer = probe
             module.train().requires_grad_(True)
+            pcfg = (cfg if self.probe_train is None else
+                    _train_config(self.probe_train, self.progress, default=HEAD_TRAIN_DEFAULTS))
             res = fit(module, acts["train"][layer].dataset(train.y, flatten=True),
-                      acts["val"][layer].dataset(val.y, flatten=True), cfg,
+                      acts["val"][layer].dataset(val.y, flatten=True), pcfg,
                       workdir=workdir / "probe", resume=resume,
                       description=f"probe on {layer}")
             summary["probe"] = {**_fit_brief(res), "layer": layer}
