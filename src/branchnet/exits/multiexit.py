@@ -56,7 +56,15 @@ from branchnet.exits.stages import Stages, split
 from branchnet.fileio import read_json, write_json
 from branchnet.saved_model import model_outputs
 from branchnet.taps import layer_names
-from branchnet.tree.tree import _as_inputs, _fit_brief, _fit_inputs, _probe_of, _train_config
+from branchnet.tree.tree import (
+    _as_inputs,
+    _fit_brief,
+    _fit_inputs,
+    _from_jsonable,
+    _jsonable,
+    _probe_of,
+    _train_config,
+)
 
 __all__ = ["ExitPrediction", "MultiExit"]
 
@@ -465,23 +473,3 @@ def _output_layer(parent: nn.Module, x: Any) -> str | None:
             h.remove()
     same = [n for n in names if outputs.get(n) is out]
     return min(same, key=lambda n: (n.count("."), names.index(n))) if same else None
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, float) and math.isinf(obj):
-        return "inf" if obj > 0 else "-inf"
-    return obj
-
-
-def _from_jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {k: _from_jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_from_jsonable(v) for v in obj]
-    if obj in ("inf", "-inf"):
-        return float(obj)
-    return obj
