@@ -196,45 +196,46 @@ def read_inputs(path: Path, preprocessing: dict[str, Any]) -> tuple[Any, list[st
     return apply_preprocessing(raw, preprocessing), [str(f) for f in files]
 
 
-def cmd_tree_predict(args: argparse.Namespace) -> int:
+def _predict_inputs(arg: str, preprocessing: dict[str, Any]) -> tuple[Any, list[str]]:
+    """A predict command's INPUT: texts for a model on texts, else images or arrays."""
+    if preprocessing.get("layout") == "text":
+        return read_texts(arg, preprocessing)
+    return read_inputs(Path(arg), preprocessing)
+
+
+def _print_predictions(names: list[str], records: list[dict[str, Any]], as_json: bool,
+                       table: Any = None) -> None:
+    """One JSON object per input, or a table (``table(name, record)`` makes its row)."""
     from branchnet.metrics import format_table
+
+    if as_json:
+        for name, rec in zip(names, records, strict=True):
+            print(json.dumps({"input": name, **rec}))
+        return
+    make = table or (lambda n, r: {"input": n, **r})
+    print(format_table([make(n, r) for n, r in zip(names, records, strict=True)]))
+
+
+def cmd_tree_predict(args: argparse.Namespace) -> int:
     from branchnet.runs import Run
     from branchnet.tree.experiment import load_run_tree
 
     tree = load_run_tree(Run.open(args.run))
-    if tree.preprocessing_.get("layout") == "text":
-        x, names = read_texts(args.input, tree.preprocessing_)
-    else:
-        x, names = read_inputs(Path(args.input), tree.preprocessing_)
-    pred = tree.predict(x)
-    records = pred.to_records(k=args.top)
-    if args.json:
-        for name, rec in zip(names, records, strict=True):
-            print(json.dumps({"input": name, **rec}))
-    else:
-        rows = [{"input": n, "prediction": r["prediction"] or "(abstain)",
-                 "path": " > ".join(r["path"]), "confidence": r["confidence"], "why": r["why"]}
-                for n, r in zip(names, records, strict=True)]
-        print(format_table(rows))
+    x, names = _predict_inputs(args.input, tree.preprocessing_)
+    records = tree.predict(x).to_records(k=args.top)
+    _print_predictions(names, records, args.json, lambda n, r: {
+        "input": n, "prediction": r["prediction"] or "(abstain)", "path": " > ".join(r["path"]),
+        "confidence": r["confidence"], "why": r["why"]})
     return 0
 
 
 def cmd_exits_predict(args: argparse.Namespace) -> int:
     from branchnet.exits.experiment import load_run_exits
-    from branchnet.metrics import format_table
     from branchnet.runs import Run
 
     me = load_run_exits(Run.open(args.run))
-    if me.preprocessing_.get("layout") == "text":
-        x, names = read_texts(args.input, me.preprocessing_)
-    else:
-        x, names = read_inputs(Path(args.input), me.preprocessing_)
-    rows = me.predict(x, batch_size=args.batch_size).rows()
-    if args.json:
-        for name, rec in zip(names, rows, strict=True):
-            print(json.dumps({"input": name, **rec}))
-    else:
-        print(format_table([{"input": n, **r} for n, r in zip(names, rows, strict=True)]))
+    x, names = _predict_inputs(args.input, me.preprocessing_)
+    _print_predictions(names, me.predict(x, batch_size=args.batch_size).rows(), args.json)
     return 0
 
 
