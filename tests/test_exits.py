@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from branchnet import models, zoo
@@ -182,3 +184,25 @@ def test_bad_constructor_arguments() -> None:
         MultiExit(net, ["hidden.0"], train_probe=True)
     with pytest.raises(ExitError, match="not fitted"):
         MultiExit(net, ["hidden.0"]).predict(torch.zeros(2, 4), threshold=0.5)
+
+
+@settings(max_examples=25, deadline=None)
+@given(depth=st.integers(2, 5), data=st.data())
+def test_any_cut_and_any_rows_give_the_parent_s_answers(depth: int, data) -> None:
+    """Property: for any taps (in order) of an MLP parent, through fx or Sequential slices, and
+    any rows kept after any stage, the staged outputs equal the parent's on those rows."""
+    torch.manual_seed(depth)
+    parent = models.mlp([6] + [8] * depth, 3).eval()
+    names = [f"hidden.{i}" for i in range(depth)]
+    taps = sorted(data.draw(st.sets(st.sampled_from(names), min_size=1)),
+                  key=names.index)
+    x = torch.randn(7, 6)
+    keep = data.draw(st.lists(st.integers(0, 6), min_size=1, max_size=7, unique=True))
+    at = data.draw(st.integers(0, len(taps) - 1))
+    st_ = split(parent, taps)
+    state, rows = st_.start(x), torch.arange(7)
+    for k in range(len(taps)):
+        state, _ = st_.run(k, state)
+        if k == at:
+            state, rows = st_.select(state, torch.tensor(keep)), rows[keep]
+    torch.testing.assert_close(st_.finish(state), parent(x)[rows])
