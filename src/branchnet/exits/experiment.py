@@ -267,6 +267,10 @@ class ExitsExperiment(Experiment):
             rows.append({"model": "calibrated exits", "accuracy": cal["accuracy"],
                          "mflops": cal["mean_flops"] / 1e6, "flops_saved": cal["flops_saved"],
                          "agreement": cal["agreement"]})
+        for r in result.get("by_kind", []):
+            rows.append({"model": f"calibrated, {r['kind']}", "accuracy": r["accuracy"],
+                         "mflops": r["mean_flops"] / 1e6, "flops_saved": r["flops_saved"],
+                         "agreement": r["agreement"]})
         for r in result["fixed"]:
             rows.append({"model": f"fixed {r['threshold']:g}", "accuracy": r["accuracy"],
                          "mflops": r["mean_flops"] / 1e6, "flops_saved": r["flops_saved"],
