@@ -32,7 +32,8 @@ from branchnet.checkpoint import CheckpointError, load_weights, save_weights
 from branchnet.fileio import read_json, write_json
 from branchnet.taps import layer_names
 
-__all__ = ["load_model", "model_outputs", "predict_proba", "save_model"]
+__all__ = ["load_model", "load_saved_parent", "model_outputs", "predict_proba", "read_saved",
+           "save_model"]
 
 
 def save_model(model: nn.Module, path: Path, meta: dict[str, Any]) -> Path:
@@ -84,3 +85,40 @@ def model_outputs(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -> t
 def predict_proba(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
     """Class probabilities of ``model`` (put in eval mode) for ``x``, in batches."""
     return torch.softmax(model_outputs(model, x, batch_size), dim=1) if len(x) else torch.zeros(0)
+
+
+def read_saved(folder: str | Path, meta_name: str, fmt: str, what: str
+               ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """``(meta, weights)`` of a saved folder: ``meta_name`` (JSON whose ``format`` is ``fmt``)
+    and ``weights.safetensors``; a missing or foreign description raises CheckpointError
+    naming ``what`` the folder should be (e.g. "BranchTree")."""
+    folder = Path(folder)
+    meta_path = folder / meta_name
+    if not meta_path.is_file():
+        raise CheckpointError(f"{folder} is not a saved {what} (no {meta_name})")
+    meta = read_json(meta_path, CheckpointError)
+    if not isinstance(meta, dict) or meta.get("format") != fmt:
+        raise CheckpointError(f"{meta_path} is not a {fmt.replace('.', ' ')} description")
+    weights, _ = load_weights(folder / "weights.safetensors")
+    return meta, weights
+
+
+def load_saved_parent(meta: dict[str, Any], weights: dict[str, torch.Tensor],
+                      parent: nn.Module | None, missing: Exception) -> nn.Module:
+    """The frozen parent of a saved tree or exits folder: ``parent`` (or rebuilt from
+    ``meta["parent_spec"]``; ``missing`` is raised when there is none) with the ``parent.``
+    weights loaded (only its probe for a pretrained backbone)."""
+    if parent is None:
+        if not meta["parent_spec"]:
+            raise missing
+        parent = zoo.rebuild(meta["parent_spec"])
+    state = {k[len("parent."):]: v for k, v in weights.items() if k.startswith("parent.")}
+    try:
+        if hasattr(parent, "load_saved_state"):
+            parent.load_saved_state(state)
+        else:
+            parent.load_state_dict(state)
+    except RuntimeError as e:
+        raise CheckpointError(f"the saved weights do not fit the parent: {e}") from e
+    return parent.eval().requires_grad_(False)
+

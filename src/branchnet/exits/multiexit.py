@@ -44,7 +44,7 @@ from torch import nn
 
 from branchnet import zoo
 from branchnet.cache import ActivationCache
-from branchnet.checkpoint import CheckpointError, load_weights, save_weights
+from branchnet.checkpoint import CheckpointError, save_weights
 from branchnet.data import Split, Texts
 from branchnet.data.imagefolder import default_cache_dir
 from branchnet.engine import TrainConfig, fit
@@ -53,8 +53,8 @@ from branchnet.exits.flops import stage_flops
 from branchnet.exits.heads import ExitHead
 from branchnet.exits.rules import RULES, exit_scores, patience_step
 from branchnet.exits.stages import Stages, split
-from branchnet.fileio import read_json, write_json
-from branchnet.saved_model import model_outputs
+from branchnet.fileio import write_json
+from branchnet.saved_model import load_saved_parent, model_outputs, read_saved
 from branchnet.taps import layer_names
 from branchnet.tree.tree import (
     _as_inputs,
@@ -411,27 +411,9 @@ class MultiExit:
     def load(cls, path: str | Path, parent: nn.Module | None = None, *,
              cache_dir: str | Path | None = None, progress: bool = True) -> MultiExit:
         """A saved MultiExit; a parent not built by branchnet must be passed in again."""
-        path = Path(path)
-        meta_path = path / "exits.json"
-        if not meta_path.is_file():
-            raise CheckpointError(f"{path} is not a saved MultiExit (no exits.json)")
-        meta = read_json(meta_path, CheckpointError)
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-            raise CheckpointError(f"{meta_path} is not a branchnet exits description")
-        weights, _ = load_weights(path / "weights.safetensors")
-        if parent is None:
-            if not meta["parent_spec"]:
-                raise ExitError("this MultiExit's parent is a custom module: pass parent=...")
-            parent = zoo.rebuild(meta["parent_spec"])
-        pstate = {k[len("parent."):]: v for k, v in weights.items() if k.startswith("parent.")}
-        try:
-            if hasattr(parent, "load_saved_state"):
-                parent.load_saved_state(pstate)
-            else:
-                parent.load_state_dict(pstate)
-        except RuntimeError as e:
-            raise CheckpointError(f"{path / 'weights.safetensors'} does not fit the parent: "
-                                  f"{e}") from e
+        meta, weights = read_saved(path, "exits.json", FORMAT, "MultiExit")
+        parent = load_saved_parent(meta, weights, parent, ExitError(
+            "this MultiExit's parent is a custom module: pass parent=..."))
         me = cls(parent, meta["taps"], rule=meta["rule"], threshold=meta["threshold"],
                  cache_dir=cache_dir, cache_dtype=meta["cache_dtype"], progress=progress)
         me.heads_ = []
@@ -449,7 +431,6 @@ class MultiExit:
         me.output_layer_, me.flops_ = meta["output_layer"], meta["flops"]
         me.calibration_ = _from_jsonable(meta["calibration"])
         me.fit_summary_ = meta["fit_summary"]
-        parent.eval().requires_grad_(False)
         return me
 
     def __repr__(self) -> str:

@@ -34,7 +34,7 @@ from torch.utils.data import Dataset
 
 from branchnet import models, zoo
 from branchnet.cache import ActivationCache, CachedActivations
-from branchnet.checkpoint import CheckpointError, load_weights, save_weights
+from branchnet.checkpoint import CheckpointError, save_weights
 from branchnet.data.batches import TensorPairs
 from branchnet.data.dataset import Data, Split, stratified_split
 from branchnet.data.hierarchy import Hierarchy
@@ -42,7 +42,8 @@ from branchnet.data.imagefolder import default_cache_dir
 from branchnet.data.texts import Texts
 from branchnet.engine import TrainConfig, fit
 from branchnet.errors import BranchnetError
-from branchnet.fileio import read_json, write_json
+from branchnet.fileio import write_json
+from branchnet.saved_model import load_saved_parent, read_saved
 from branchnet.selective import coverage_threshold, sgr_threshold
 from branchnet.selfcheck import TARGETS, SelfCheckHead, fit_selfcheck, selfcheck_targets
 from branchnet.taps import layer_names
@@ -829,23 +830,9 @@ class BranchTree:
     def load(cls, path: str | Path, parent: nn.Module | None = None,
              heads: dict[str, nn.Module] | None = None) -> BranchTree:
         """Rebuild a saved tree. Models not built by branchnet must be passed in again."""
-        path = Path(path)
-        meta_path = path / "tree.json"
-        if not meta_path.is_file():
-            raise CheckpointError(f"{path} is not a saved BranchTree (no tree.json)")
-        meta = read_json(meta_path, CheckpointError)
-        if not isinstance(meta, dict) or meta.get("format") != "branchnet.tree":
-            raise CheckpointError(f"{meta_path} is not a branchnet tree description")
-        weights, _ = load_weights(path / "weights.safetensors")
-        if parent is None:
-            if not meta["parent_spec"]:
-                raise TreeError("this tree's parent is a custom module: pass parent=... to load()")
-            parent = zoo.rebuild(meta["parent_spec"])
-        if hasattr(parent, "load_saved_state"):
-            parent.load_saved_state({k[len("parent."):]: v for k, v in weights.items()
-                                     if k.startswith("parent.")})
-        else:
-            _load_prefixed(parent, weights, "parent.", "parent")
+        meta, weights = read_saved(path, "tree.json", "branchnet.tree", "BranchTree")
+        parent = load_saved_parent(meta, weights, parent, TreeError(
+            "this tree's parent is a custom module: pass parent=... to load()"))
         layout = TreeLayout(Hierarchy.from_dict(meta["hierarchy"]), meta["classes"])
         tree = cls(parent, meta["tap"], hierarchy=layout.hierarchy, router=meta["router"],
                    node_input=meta["node_input"], branch_tap=meta["branch_tap"],
@@ -866,7 +853,6 @@ class BranchTree:
                 raise TreeError(f"the head of {node!r} is a custom module: pass heads={{...}}")
             _load_prefixed(module, weights, f"heads.{key}.", f"head {node!r}")
             tree.heads_[int(key)] = Tapped(module.eval().requires_grad_(False), hs["tap"])
-        tree.parent.eval().requires_grad_(False)
         tree.preprocessing_ = meta["preprocessing"]
         tree.input_shape_ = tuple(meta["input_shape"])  # () for texts
         tree.calibration_ = _from_jsonable(meta["calibration"])
