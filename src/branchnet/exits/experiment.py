@@ -48,11 +48,10 @@ from branchnet.schema import (
     TrainSection,
     with_defaults,
 )
-from branchnet.tree.experiment import load_parent_weights
+from branchnet.tree.experiment import ParentTrain, load_parent_weights
 
 __all__ = ["ExitsConfig", "ExitsExperiment"]
 
-ParentTrain = with_defaults(TrainSection, epochs=20)
 HeadTrain = with_defaults(TrainSection, **HEAD_TRAIN_DEFAULTS)
 
 
@@ -259,26 +258,16 @@ class ExitsExperiment(Experiment):
 
     @classmethod
     def summary_rows(cls, result: dict[str, Any]) -> list[dict[str, Any]]:
-        pf = result["parent_flops"]
-        rows = [{"model": "full parent", "accuracy": result["full"]["accuracy"],
-                 "mflops": pf / 1e6, "flops_saved": 0.0, "agreement": 1.0}]
+        def row(model: str, r: dict[str, Any]) -> dict[str, Any]:
+            return {"model": model, "accuracy": r["accuracy"], "mflops": r["mean_flops"] / 1e6,
+                    "flops_saved": r.get("flops_saved", 0.0), "agreement": r.get("agreement", 1.0)}
+
+        rows = [row("full parent", result["full"])]
         if "calibrated" in result:
-            cal = result["calibrated"]
-            rows.append({"model": "calibrated exits", "accuracy": cal["accuracy"],
-                         "mflops": cal["mean_flops"] / 1e6, "flops_saved": cal["flops_saved"],
-                         "agreement": cal["agreement"]})
-        for r in result.get("by_kind", []):
-            rows.append({"model": f"calibrated, {r['kind']}", "accuracy": r["accuracy"],
-                         "mflops": r["mean_flops"] / 1e6, "flops_saved": r["flops_saved"],
-                         "agreement": r["agreement"]})
-        for r in result["fixed"]:
-            rows.append({"model": f"fixed {r['threshold']:g}", "accuracy": r["accuracy"],
-                         "mflops": r["mean_flops"] / 1e6, "flops_saved": r["flops_saved"],
-                         "agreement": r["agreement"]})
-        for r in result.get("patience", []):
-            rows.append({"model": f"patience {r['patience']}", "accuracy": r["accuracy"],
-                         "mflops": r["mean_flops"] / 1e6, "flops_saved": r["flops_saved"],
-                         "agreement": r["agreement"]})
+            rows.append(row("calibrated exits", result["calibrated"]))
+        rows += [row(f"calibrated, {r['kind']}", r) for r in result.get("by_kind", [])]
+        rows += [row(f"fixed {r['threshold']:g}", r) for r in result["fixed"]]
+        rows += [row(f"patience {r['patience']}", r) for r in result.get("patience", [])]
         return rows
 
     @classmethod
