@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from branchnet.errors import BranchnetError
-from branchnet.taps import TapError, extract_many, layer_names
+from branchnet.taps import TapError, _to_model, extract_many, layer_names
 
 __all__ = ["FullStages", "FxStages", "SequentialStages", "StageError", "Stages", "split"]
 
@@ -104,12 +104,6 @@ class Stages:
         return f"{type(self).__name__}({type(self.parent).__name__}, taps={self.taps}{how})"
 
 
-def _device(model: nn.Module) -> torch.device | None:
-    for t in model.parameters():
-        return t.device
-    return None
-
-
 class SequentialStages(Stages):
     """An :class:`nn.Sequential` whose taps are children: stage ``k`` is the slice of children
     after tap ``k - 1`` up to and including tap ``k``."""
@@ -123,9 +117,7 @@ class SequentialStages(Stages):
         self._parts = [nn.Sequential(*kids[a + 1:b + 1]) for a, b in itertools.pairwise(bounds)]
 
     def start(self, x: Any) -> torch.Tensor:
-        x = torch.as_tensor(x)
-        device = _device(self.parent)
-        return x if device is None else x.to(device)
+        return _to_model(self.parent, x)
 
     def run(self, k: int, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.inference_mode():
@@ -234,9 +226,7 @@ class FxStages(Stages):
         return torch.fx.GraphModule(root, g, class_name="Stage")
 
     def start(self, x: Any) -> list[Any]:
-        x = torch.as_tensor(x)
-        device = _device(self.parent)
-        return [x if device is None else x.to(device)]
+        return [_to_model(self.parent, x)]
 
     def run(self, k: int, state: list[Any]) -> tuple[list[Any], torch.Tensor]:
         with torch.inference_mode():

@@ -49,6 +49,7 @@ import torch
 from torch import nn
 
 from branchnet.exits.stages import StageError, Stages
+from branchnet.taps import _model_device
 
 if TYPE_CHECKING:
     from branchnet.text.parent import TextParent
@@ -111,10 +112,6 @@ class TextState:
 
     def __len__(self) -> int:
         return int(self.hidden.shape[0])
-
-
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
 
 
 def _find_layers(backbone: nn.Module, n_layers: int) -> nn.ModuleList:
@@ -184,7 +181,7 @@ def _make_plan(parent: TextParent) -> _Plan:
     layers = _find_layers(backbone, n)
     enc = parent.tokenizer(_CHECK_TEXTS, padding="longest", truncation=True,
                            max_length=parent.max_length, return_tensors="pt")
-    inputs = {k: v.to(_device(backbone)) for k, v in enc.items()}
+    inputs = {k: v.to(_model_device(backbone)) for k, v in enc.items()}
     with torch.inference_mode():
         ref = backbone(**inputs, output_hidden_states=True).hidden_states
         if ref is None or len(ref) != n + 1:
@@ -307,7 +304,7 @@ class TextStages(Stages):
         padding = "longest" if p.dynamic_padding else "max_length"
         enc = p.tokenizer(texts, padding=padding, truncation=True, max_length=p.max_length,
                           return_tensors="pt")
-        inputs = {k: v.to(_device(p.backbone)) for k, v in enc.items()}
+        inputs = {k: v.to(_model_device(p.backbone)) for k, v in enc.items()}
         with torch.inference_mode():
             hidden, args, kwargs = _capture(p.backbone, self._plan.layers, inputs)
             state = TextState(inputs, hidden, 0, args, kwargs, None)
@@ -335,7 +332,7 @@ class TextStages(Stages):
         feats = feats.clone()
         if p.probe is None:
             return feats
-        return p.probe(feats.to(_device(p.probe)))
+        return p.probe(feats.to(_model_device(p.probe)))
 
     def select(self, state: TextState, rows: torch.Tensor | Sequence[int]) -> TextState:
         """The texts ``rows`` only; with dynamic padding (right-padded), the padding columns
