@@ -8,6 +8,7 @@
     branchnet KIND eval RUN [--split test]   re-evaluate a run's saved model
     branchnet KIND compare RUN [RUN ...]     mean ± std of finished runs (e.g. seeds)
     branchnet tree predict RUN INPUT         route images / arrays / texts through a saved tree
+    branchnet tree grow RUN CLASS:NODE ...   add classes to a saved tree, retraining one branch
     branchnet exits predict RUN INPUT        answer inputs with early exits (each stops early)
     branchnet vbranch oneshot --runs DIR --run RUN   20-way one-shot accuracy of an embedding run
     branchnet vbranch sweep CONFIG ...       K x shared_frac x bagging x seeds, then compare
@@ -106,7 +107,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     return 0
 
 
-def open_run(run_dir: str, kind: str | None = None) -> tuple[Any, Any]:
+def open_run(run_dir: str, kind: str | None = None, quiet: bool = True) -> tuple[Any, Any]:
     """(the run, its Experiment set up from its own config) of a run folder; the kind comes
     from the manifest, else from ``kind``, else from what the folder holds."""
     from branchnet import kinds, protocol
@@ -124,7 +125,7 @@ def open_run(run_dir: str, kind: str | None = None) -> tuple[Any, Any]:
     exp_cls = kinds.get(found)
     cfg = exp_cls.validate(user)
     cfg["progress"] = False
-    return run, exp_cls(cfg, quiet=True)
+    return run, exp_cls(cfg, quiet=quiet)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -226,6 +227,32 @@ def cmd_tree_predict(args: argparse.Namespace) -> int:
     _print_predictions(names, records, args.json, lambda n, r: {
         "input": n, "prediction": r["prediction"] or "(abstain)", "path": " > ".join(r["path"]),
         "confidence": r["confidence"], "why": r["why"]})
+    return 0
+
+
+def cmd_tree_grow(args: argparse.Namespace) -> int:
+    from branchnet.metrics import format_table
+    from branchnet.tree.experiment import grow_run
+
+    additions: dict[str, list[str]] = {}
+    for item in args.additions:
+        cls, sep, node = item.partition(":")
+        if not sep or not cls or not node:
+            raise ConfigError(f"each addition must be CLASS:NODE (e.g. truck:vehicles), got "
+                              f"{item!r}")
+        additions.setdefault(node, []).append(cls)
+    run, exp = open_run(args.run, "tree", quiet=False)
+    result = grow_run(run, exp, additions, group=args.group,
+                      out=Path(args.out) if args.out else None)
+    print(format_table([{"branch": n, "accuracy before": b["before"],
+                         "accuracy after": b["after"], "retrained": b["retrained"]}
+                        for n, b in result["branches"].items()]))
+    print(f"old classes: accuracy {result['accuracy_old_before']:.4f} before, "
+          f"{result['accuracy_old_after']:.4f} after; new classes "
+          + ", ".join(f"{c} {a:.4f}" for c, a in result["per_class_new"].items())
+          + f"; all classes {result['accuracy_all']:.4f}")
+    print(f"grown tree: {result['saved']}/tree (grow.json beside it); calibrate it again "
+          "before relying on its abstention")
     return 0
 
 
@@ -405,6 +432,16 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--top", type=int, default=1, help="also list the k most probable classes")
     pr.add_argument("--json", action="store_true", help="one JSON object per input")
     pr.set_defaults(func=cmd_tree_predict)
+
+    gr = tree.add_parser("grow", help="add classes to a run's saved tree (only the branch they "
+                         "join trains)")
+    gr.add_argument("run")
+    gr.add_argument("additions", nargs="+", metavar="CLASS:NODE",
+                    help="a class of the run's data source and the internal node it goes under")
+    gr.add_argument("--group", help="add the classes as a new branch of this name instead of "
+                    "as leaves")
+    gr.add_argument("--out", help="folder for the grown tree (default RUN/grown)")
+    gr.set_defaults(func=cmd_tree_grow)
 
     ep = groups["exits"].add_parser("predict", help="answer inputs with a run's early exits "
                                     "(each input stops at its exit)")

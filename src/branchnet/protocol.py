@@ -87,16 +87,27 @@ class Experiment:
 
     # ---------------------------------------------------------------------- the steps
     def load_data(self) -> Data:
-        d = self.cfg["data"]
-        self.data = load(d["source"], classes=d["classes"], val_fraction=d["val_fraction"],
-                         test_fraction=d["test_fraction"],
-                         seed=self.cfg["seed"] if d["split_seed"] is None else d["split_seed"],
-                         normalize=d["normalize"], image_size=d["image_size"],
-                         max_per_class=d["max_per_class"], label_set=d["label_set"],
-                         cache_dir=d["cache_dir"], progress=self.cfg["progress"],
-                         test_source=d["test_source"], text_column=d["text_column"],
-                         label_column=d["label_column"], group_column=d["group_column"])
+        self.data = self._load(self.cfg["data"])
         return self.data
+
+    def load_more(self, **changes: Any) -> Data:
+        """Data from the config's data section with ``changes`` (other classes, another source
+        ...), normalised with this run's training statistics: inputs the parent never saw
+        (novel classes, classes grown into a tree) reach it as its own training data did."""
+        assert self.data is not None
+        stats = None if self.data.train.is_text else self.data.preprocessing
+        return self._load({**self.cfg["data"], **changes}, stats)
+
+    def _load(self, d: dict[str, Any], statistics: dict[str, Any] | None = None) -> Data:
+        return load(d["source"], classes=d["classes"], val_fraction=d["val_fraction"],
+                    test_fraction=d["test_fraction"],
+                    seed=self.cfg["seed"] if d["split_seed"] is None else d["split_seed"],
+                    normalize=d["normalize"], image_size=d["image_size"],
+                    max_per_class=d["max_per_class"], label_set=d["label_set"],
+                    cache_dir=d["cache_dir"], progress=self.cfg["progress"],
+                    test_source=d["test_source"], text_column=d["text_column"],
+                    label_column=d["label_column"], group_column=d["group_column"],
+                    statistics=statistics)
 
     def train_config(self, section: dict[str, Any]) -> TrainConfig:
         """A config's ``train`` section as the engine's :class:`TrainConfig`, with the run's

@@ -42,6 +42,17 @@ def tensor_fingerprint(*tensors: torch.Tensor) -> str:
     return h.hexdigest()
 
 
+def concat_splits(splits: list[Split]) -> Split:
+    """The rows of several splits, one after another (texts or tensors alike).
+
+    >>> concat_splits([Split(["a"], [0]), Split(["b", "c"], [1, 1])]).x.tolist()
+    ['a', 'b', 'c']
+    """
+    if all(s.is_text for s in splits):
+        return Split(Texts([t for s in splits for t in s.x]), torch.cat([s.y for s in splits]))
+    return Split(torch.cat([s.x for s in splits]), torch.cat([s.y for s in splits]))
+
+
 def stratified_split(
     y: np.ndarray | torch.Tensor | Sequence[int], fraction: float, seed: int
 ) -> tuple[np.ndarray, np.ndarray]:

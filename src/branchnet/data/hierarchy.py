@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from branchnet.data import induce as _induce
 from branchnet.data.dataset import DataError
 
 ROOT = "root"
@@ -167,6 +168,57 @@ class Hierarchy:
         if name not in table:
             raise DataError(f"unknown built-in hierarchy {name!r}; choose from {sorted(table)}")
         return cls.from_dict(table[name])
+
+    @classmethod
+    def induce(cls, method: str, classes: Sequence[str], *, confusion: Any = None,
+               features: Any = None, weights: Any = None, groups: int = 2, depth: int = 1,
+               seed: int = 0) -> Hierarchy:
+        """A hierarchy induced from what a trained parent knows, bound to ``classes``.
+
+        ``method`` is ``"confusion"`` (spectral clustering of a ``[C, C]`` confusion matrix on
+        validation data, rows the true class), ``"features"`` (class means ``[C, D]`` of a
+        tapped layer) or ``"weights"`` (the last layer's class weights ``[C, D]``, NBDT); give
+        the matching argument. ``groups`` children per internal node, ``depth`` levels of
+        groups; groups are named after their members (:mod:`branchnet.data.induce`).
+        Deterministic for a ``seed``.
+
+        >>> import numpy as np
+        >>> conf = np.array([[8, 2, 0, 0], [3, 7, 0, 0], [0, 0, 9, 1], [0, 0, 2, 8]])
+        >>> h = Hierarchy.induce("confusion", ["cat", "dog", "car", "bus"], confusion=conf)
+        >>> h.top_groups()
+        {'cat+dog': ['cat', 'dog'], 'car+bus': ['car', 'bus']}
+        """
+        classes = [str(c) for c in classes]
+        sources = {"confusion": confusion, "features": features, "weights": weights}
+        given = sorted(k for k, v in sources.items() if v is not None)
+        if method not in _induce.METHODS:
+            raise DataError(f"induce must be one of {list(_induce.METHODS)}, got {method!r}")
+        if given != [method]:
+            raise DataError(f"induce {method!r} needs exactly its own source {method}=...; got "
+                            f"{given or 'none'}")
+        _induce.check_shape(len(classes), groups, depth)
+        source = _induce.prepare(method, sources[method], classes)
+        nested = _induce.induce_groups(method, source, groups, depth, seed)
+        return cls.from_dict(_induce.name_groups(nested, classes, source, method)).bind(classes)
+
+    def top_groups(self) -> dict[str, list[str]]:
+        """Each child of the root and the classes under it (a class there is its own group)."""
+        return {kid: self.leaves_under(kid) for kid in self.children(ROOT)}
+
+    def agreement(self, other: Hierarchy) -> float:
+        """Adjusted Rand index between the top-level groupings of two trees on one class set.
+
+        >>> a = Hierarchy.from_dict({"x": ["1", "2"], "y": ["3", "4"]})
+        >>> a.agreement(Hierarchy.from_dict({"p": ["2", "1"], "q": ["4", "3"]}))
+        1.0
+        """
+        if set(self.leaves) != set(other.leaves):
+            raise DataError(f"the two hierarchies have different classes: "
+                            f"{sorted(set(self.leaves) ^ set(other.leaves))} in only one")
+        def labels(h: Hierarchy) -> list[int]:
+            group = {c: g for g, (_, cs) in enumerate(h.top_groups().items()) for c in cs}
+            return [group[c] for c in self.leaves]
+        return _induce.agreement(labels(self), labels(other))
 
     def to_dict(self) -> dict[str, Any]:
         """The nested-dict form (inverse of :meth:`from_dict`)."""

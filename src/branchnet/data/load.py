@@ -8,6 +8,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -268,6 +269,18 @@ def _split_rows(
     return rows
 
 
+def _given_statistics(statistics: dict[str, Any], scale: float) -> dict[str, Any]:
+    """Another Data's normalisation (its ``preprocessing``), checked against this source."""
+    missing = [k for k in ("mode", "scale", "mean", "std") if k not in statistics]
+    if missing:
+        raise DataError(f"statistics must be a Data.preprocessing dict with mode, scale, mean and "
+                        f"std; it lacks {missing}")
+    if not math.isclose(float(statistics["scale"]), scale):
+        raise DataError(f"statistics were fitted on inputs scaled by {statistics['scale']}, but "
+                        f"this source's inputs are scaled by {scale}: a different kind of data")
+    return {k: statistics[k] for k in ("mode", "scale", "mean", "std")}
+
+
 def load(
     source: Any,
     *,
@@ -286,6 +299,7 @@ def load(
     text_column: str = "text",
     label_column: str = "label",
     group_column: str | None = None,
+    statistics: dict[str, Any] | None = None,
 ) -> Data:
     """Load a data source as a :class:`Data` with train / val / test splits.
 
@@ -310,6 +324,10 @@ def load(
     not normalised: ``text_column`` and ``label_column`` name their columns, ``group_column``
     (optional) a group of each label (``Data.groups``), and ``test_source`` a separate test
     file in the same format (then no test split is cut off). These four apply only to text.
+
+    ``statistics`` (another Data's ``preprocessing``) normalises with that data's training
+    statistics instead of this train split's: new classes (novel inputs, classes grown into a
+    tree) then reach a parent exactly as its own training data did.
 
     >>> x = np.arange(40, dtype=np.float32).reshape(20, 2); y = np.arange(20) % 2
     >>> d = load((x, y), classes=[1, 0], val_fraction=0.25, test_fraction=0.2, seed=1)
@@ -348,7 +366,8 @@ def load(
                     preprocessing, restrict_groups(raw.groups, raw.classes))
     mode = normalize or raw.default_normalize
     xf = {k: to_float(src[k][0], raw.scale, rows=rows[k]) for k in src}
-    stats = fit_normalization(xf["train"], mode, scale=raw.scale)
+    stats = (fit_normalization(xf["train"], mode, scale=raw.scale) if statistics is None
+             else _given_statistics(statistics, raw.scale))
     out = {k: Split(torch.from_numpy(normalize_(xf[k], stats)), torch.from_numpy(labels[k])) for k in src}
     shape = list(xf["train"].shape[1:])
     image = raw.kind == "image"

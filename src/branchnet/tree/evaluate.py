@@ -109,7 +109,7 @@ def evaluate(tree: BranchTree, test: Split, calibration: Split | None = None
     y = test.y
     correct = pred.leaf == y
     conf = pred.confidence
-    accepted = ~pred.abstained
+    accepted = ~pred.rejected  # neither unsure nor novel
     result: dict[str, Any] = {
         "n_test": len(test),
         "accuracy": float(correct.float().mean()),
@@ -131,6 +131,8 @@ def evaluate(tree: BranchTree, test: Split, calibration: Split | None = None
     }
     if pred.backoff:
         result["backed_off"] = int((pred.stop_level > 0).sum())
+    if pred.novel_level is not None:
+        result["rejected_novel"] = int(pred.novel.sum())
     risk = {k: tree.calibration_[k] for k in ("target_risk", "delta") if k in tree.calibration_}
     scores = tree.confidence_scores(test.x)
     cal = None if calibration is None else (

@@ -25,9 +25,11 @@ from branchnet.checkpoint import CheckpointError
 from branchnet.config import check_file
 from branchnet.data import Data, Split
 from branchnet.data.batches import TensorPairs
+from branchnet.data.dataset import concat_splits
 from branchnet.data.hierarchy import Hierarchy
 from branchnet.engine import TrainConfig, fit
 from branchnet.errors import ConfigError
+from branchnet.novelty import SCORERS
 from branchnet.protocol import Experiment
 from branchnet.report import Report
 from branchnet.runs import Run
@@ -42,8 +44,9 @@ from branchnet.schema import (
 )
 from branchnet.taps import layer_names
 from branchnet.tree.evaluate import evaluate, summary_rows
+from branchnet.tree.evaluate_open_world import evaluate_open_world, score_options
 from branchnet.tree.router import POLICIES, SCORES
-from branchnet.tree.tree import HEAD_TRAIN_DEFAULTS, BranchTree, TreeError
+from branchnet.tree.tree import HEAD_TRAIN_DEFAULTS, BranchTree, TreeError, induce_spec
 
 __all__ = ["TreeConfig", "TreeExperiment", "compare_runs", "resolve_hierarchy"]
 
@@ -102,6 +105,25 @@ class CalibrationSection(Section):
     fraction: OpenFraction = 0.5
 
 
+class NoveltySection(Section):
+    """Open-world rejection and its evaluation against inputs of classes no branch knows."""
+    #: the score the tree rejects with
+    score: Literal[tuple(SCORERS)] = "mahalanobis"  # type: ignore[valid-type]
+    #: the scores compared in the evaluation (the tree's own among them)
+    compare: list[Literal[tuple(SCORERS)]] = Field(  # type: ignore[valid-type]
+        default_factory=lambda: ["msp", "energy", "mahalanobis", "knn"])
+    knn_k: PositiveInt = 50
+    target_frr: OpenFraction = 0.05
+    delta: OpenFraction = 0.1
+    #: where the novel inputs come from: a data source (default: data.source) and its classes
+    #: (default: all of them); none of them may be a class of the data
+    source: str | None = None
+    classes: list[str | int] | None = None
+    #: the novel source's test split only (for a source that also holds known classes' training
+    #: images), or all its rows (a file of novel classes only)
+    split: Literal["test", "all"] = "test"
+
+
 class TreeConfig(Section):
     name: str = "tree"
     seed: Seed = 0
@@ -109,10 +131,14 @@ class TreeConfig(Section):
     #: free-form: null (flat), a mapping {group: [classes or subgroups]}, a YAML file, or a
     #: built-in name (cifar10, cifar100)
     hierarchy: str | dict[str, Any] | None = None
+    #: a hierarchy to compare an induced one with (adjusted Rand index of the top-level groups)
+    reference_hierarchy: str | dict[str, Any] | None = None
     parent: ParentSection = Field(default_factory=ParentSection)
     tree: TreeSection = Field(default_factory=TreeSection)
     calibration: CalibrationSection = Field(default_factory=CalibrationSection)
     baselines: bool = False
+    #: open-world rejection (null: none)
+    novelty: NoveltySection | None = None
     progress: bool = True
 
 
@@ -156,7 +182,9 @@ class TreeExperiment(Experiment):
     contents = "report.html, metrics.json, figures/, tree/"
     captions: ClassVar[dict[str, str]] = {
         "training": "training curves (validation)", "risk_coverage": "risk-coverage curve",
-        "confusion": "confusion matrix", "branches": "branches on their own classes"}
+        "confusion": "confusion matrix", "branches": "branches on their own classes",
+        "novelty": "novelty scores on the tapped layer: known test inputs against novel ones",
+        "novelty_tree": "the tree's novelty statistic (largest node rank along the path)"}
 
     @classmethod
     def check(cls, cfg: dict[str, Any]) -> None:
@@ -166,9 +194,17 @@ class TreeExperiment(Experiment):
         if cfg["parent"]["model"].get("kind") == "transformer" and cfg["parent"]["weights"]:
             raise ConfigError("parent.weights must be null for a transformer parent (its "
                               f"probe is trained here), got {cfg['parent']['weights']!r}")
-        h = cfg["hierarchy"]
-        if isinstance(h, str) and h not in BUILTIN_HIERARCHIES:
-            check_file(h, "hierarchy", f"YAML file or one of {list(BUILTIN_HIERARCHIES)}")
+        for key in ("hierarchy", "reference_hierarchy"):
+            h = cfg[key]
+            if isinstance(h, str) and h not in BUILTIN_HIERARCHIES:
+                check_file(h, key, f"YAML file or one of {list(BUILTIN_HIERARCHIES)}")
+        try:
+            induce_spec(cfg["hierarchy"], cfg["parent"]["labels"])
+        except TreeError as e:
+            raise ConfigError(str(e)) from e
+        nov = cfg["novelty"]
+        if nov and nov["source"]:
+            check_file(nov["source"], "novelty.source", "data source")
         c = cfg["calibration"]
         if c["method"] == "coverage" and c["coverage"] is None:
             raise ConfigError("calibration.coverage must be a number in (0, 1] when "
@@ -178,8 +214,21 @@ class TreeExperiment(Experiment):
         super().setup()
         cfg, data = self.cfg, self.data
         assert data is not None
-        self.hierarchy = resolve_hierarchy(cfg["hierarchy"], data.classes, data.groups)
-        self.say("hierarchy  " + self.hierarchy.render().replace("\n", "\n           "))
+        self.induce = induce_spec(cfg["hierarchy"], cfg["parent"]["labels"])
+        if self.induce:
+            if self.induce["groups"] > len(data.classes):
+                raise ConfigError(f"hierarchy.groups must be at most the number of classes "
+                                  f"({len(data.classes)}), got {self.induce['groups']}")
+            self.hierarchy = Hierarchy.flat(data.classes)  # until the parent is trained
+            self.say(f"hierarchy  induced from the parent ({self.induce['induce']}, "
+                     f"{self.induce['groups']} groups, depth {self.induce['depth']})")
+        else:
+            self.hierarchy = resolve_hierarchy(cfg["hierarchy"], data.classes, data.groups)
+            self.say("hierarchy  " + self.hierarchy.render().replace("\n", "\n           "))
+        ref = cfg["reference_hierarchy"]
+        self.reference = (None if ref is None
+                          else resolve_hierarchy(ref, data.classes, data.groups))
+        self.novel = self.load_novel() if cfg["novelty"] else None
         self.parent = self.build_parent(data)
         tap = cfg["parent"]["tap"]
         if tap not in layer_names(self.parent):
@@ -189,6 +238,26 @@ class TreeExperiment(Experiment):
                                                        seed=cfg["seed"])
         self.say(f"validation {len(self.select)} inputs for early stopping, {len(self.calibration)} "
                  "held out for calibration only")
+
+    def load_novel(self) -> Split:
+        """The novel inputs of ``novelty``: classes none of the data's, prepared like it."""
+        nov, data = self.cfg["novelty"], self.data
+        assert data is not None
+        changes: dict[str, Any] = {"classes": nov["classes"], "max_per_class": None}
+        if nov["split"] == "all":  # no split cut off: every row is a novel input
+            changes.update(val_fraction=0.0, test_fraction=0.0)
+        if nov["source"]:
+            changes.update(source=nov["source"], test_source=None, group_column=None)
+        novel = self.load_more(**changes)
+        overlap = sorted(set(novel.classes) & set(data.classes))
+        if overlap:
+            raise ConfigError(f"novelty.classes must be classes the tree does not know, but "
+                              f"{overlap} are classes of the data")
+        split = (novel.test if nov["split"] == "test"
+                 else concat_splits([novel.train, novel.val, novel.test]))
+        self.say(f"novel      {len(split)} inputs of {len(novel.classes)} classes none of the "
+                 f"branches knows ({', '.join(novel.classes)})")
+        return split
 
     def build_parent(self, data: Data) -> torch.nn.Module:
         p = self.cfg["parent"]
@@ -216,6 +285,9 @@ class TreeExperiment(Experiment):
             workdir=run.work, cache_dir=t["cache_dir"], cache_dtype=t["cache_dtype"],
             selfcheck=None if t["selfcheck"] is None else {
                 **t["selfcheck"], "train": {"seed": cfg["seed"]}},
+            novelty=None if not cfg["novelty"] else {
+                "score": cfg["novelty"]["score"],
+                **score_options(cfg["novelty"]["score"], cfg["novelty"]["knn_k"])},
             progress=cfg["progress"],
         )
 
@@ -223,12 +295,24 @@ class TreeExperiment(Experiment):
         cfg, data = self.cfg, self.data
         assert data is not None
         tree = self.make_tree(run)
-        tree.fit(data.train, val=self.select, hierarchy=self.hierarchy, classes=data.classes,
-                 preprocessing=data.preprocessing, resume=resume)
-        c = cfg["calibration"]
+        tree.fit(data.train, val=self.select, hierarchy=self.induce or self.hierarchy,
+                 classes=data.classes, preprocessing=data.preprocessing, resume=resume)
+        self.hierarchy = tree.hierarchy_
+        c, nov = cfg["calibration"], cfg["novelty"]
         tree.calibrate(self.calibration, method=c["method"], target_risk=c["target_risk"],
                        delta=c["delta"], coverage=c["coverage"], threshold=c["threshold"])
+        if nov:
+            tree.calibrate_novelty(self.calibration, target_frr=nov["target_frr"],
+                                   delta=nov["delta"])
         result, self._figures = evaluate(tree, data.test, calibration=self.calibration)
+        result["hierarchy"] = self.hierarchy_record(tree)
+        if nov:
+            self.say(f"open world {len(data.test)} known test inputs against {len(self.novel)} "
+                     "novel ones")
+            result["open_world"], figs = evaluate_open_world(
+                tree, data.test, self.novel, self.calibration, list(nov["compare"]),
+                target_frr=nov["target_frr"], delta=nov["delta"], knn_k=nov["knn_k"])
+            self._figures.update(figs)
         result["fit"] = tree.fit_summary_
         result["data"] = {"summary": data.summary(), "classes": data.classes}
         if cfg["baselines"]:
@@ -238,6 +322,17 @@ class TreeExperiment(Experiment):
                                                 self.train_config(cfg["tree"]["head_train"]))
         tree.save(run.path / "tree")
         return result
+
+    def hierarchy_record(self, tree: BranchTree) -> dict[str, Any]:
+        """The tree's hierarchy as fitted (induced or given), and its agreement with the
+        reference hierarchy."""
+        rec: dict[str, Any] = {"tree": tree.hierarchy_.to_dict(),
+                               "groups": tree.hierarchy_.top_groups(),
+                               "induced": self.induce}
+        if self.reference is not None:
+            rec["reference"] = self.reference.to_dict()
+            rec["ari_vs_reference"] = tree.hierarchy_.agreement(self.reference)
+        return rec
 
     def histories(self, run: Run) -> dict[str, Path]:
         out = {"parent": run.work / "parent" / "metrics.csv"}
@@ -258,7 +353,23 @@ class TreeExperiment(Experiment):
         rep.add_heading("Confidence scores on the tree's answers")
         rep.add_table([{"score": k, **v} for k, v in result["scores"].items()])
         rep.add_heading("Hierarchy")
-        rep.add_pre(self.hierarchy.render())
+        h = result.get("hierarchy", {})
+        if h.get("induced"):
+            ind = h["induced"]
+            rep.add_text(f"induced from the trained parent: {ind['induce']}, {ind['groups']} "
+                         f"groups, depth {ind['depth']}")
+        if "ari_vs_reference" in h:
+            rep.add_text(f"agreement with the reference hierarchy (adjusted Rand index of the "
+                         f"top-level groups): {h['ari_vs_reference']:.3f}")
+        rep.add_pre((Hierarchy.from_dict(h["tree"]) if "tree" in h else self.hierarchy).render())
+        if "open_world" in result:
+            ow = result["open_world"]
+            rep.add_heading("Open world: known classes against novel ones")
+            rep.add_text(f"{ow['n_known']} known test inputs, {ow['n_novel']} novel; thresholds "
+                         f"calibrated on {ow['n_calibration']} held-out known inputs to a false-"
+                         f"rejection rate <= {ow['target_frr']} with probability >= "
+                         f"{1 - ow['delta']:.2f}")
+            rep.add_table(open_world_rows(ow))
         rep.add_heading("Branches as Neural-Branching measured them (threshold 0.96)")
         rep.add_table([{"branch": n, "n": b["n_test"], "overall_acc": b["overall_accuracy"],
                         "accepted": b["at_0.96"]["accepted"], "coverage": b["at_0.96"]["coverage"],
@@ -289,6 +400,11 @@ class TreeExperiment(Experiment):
                          f"{cal['target_risk']} with probability >= {1 - cal['delta']:.2f} "
                          f"(bound {cal['risk_bound']:.4f} on {cal['n_calibration']} held-out "
                          "calibration inputs)")
+        if "open_world" in result:
+            ow = result["open_world"]
+            lines.append("open world (AUROC on the tapped layer / in the tree): " + ", ".join(
+                f"{k} {v['tap']['auroc']:.3f}/{v['tree']['auroc']:.3f}" if "tap" in v
+                else f"{k} –/{v['tree']['auroc']:.3f}" for k, v in ow["scores"].items()))
         acc = result["accuracy_on_accepted"]
         lines.append(f"test: accuracy {result['accuracy']:.4f} (balanced "
                      f"{result['balanced_accuracy']:.4f}); accepted {result['accepted']}/"
@@ -305,6 +421,77 @@ class TreeExperiment(Experiment):
     @classmethod
     def compare(cls, runs: list[Run]) -> str:
         return compare_runs([r.path for r in runs])
+
+
+def open_world_rows(ow: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per novelty score: AUROC / FPR95 on the tap and in the tree, and the joint
+    outcome at the calibrated threshold."""
+    rows = []
+    for name, v in ow["scores"].items():
+        t, j = v["tree"], v["tree"]["joint"]
+        rows.append({"score": name, "tap_auroc": v.get("tap", {}).get("auroc"),
+                     "tap_fpr95": v.get("tap", {}).get("fpr95"), "tree_auroc": t["auroc"],
+                     "tree_fpr95": t["fpr95"], "test_frr": t["test_frr"],
+                     "known_correct": j["known_correct"], "known_wrong": j["known_wrong"],
+                     "known_unsure": j["known_unsure"],
+                     "known_rejected": j["known_rejected_novel"],
+                     "novel_rejected": j["novel_rejected"], "novel_unsure": j["novel_unsure"],
+                     "novel_accepted": j["novel_accepted"]})
+    return rows
+
+
+def grow_run(run: Run, exp: TreeExperiment, additions: dict[str, list[str]],
+             group: str | None = None, out: Path | None = None) -> dict[str, Any]:
+    """Grow a finished tree run's tree (``branchnet tree grow``): ``additions`` maps each
+    internal node to the classes of the run's data source that go under it (as leaves, or as a
+    new branch named ``group``). The new classes' data comes from the run's data section with
+    those classes, prepared with the run's statistics. Saves the grown tree to ``out`` (default
+    ``RUN/grown``) with ``grow.json``: accuracy of the old classes before and after, of the new
+    ones, and each branch on its own classes before and after."""
+    from branchnet.fileio import write_json
+    from branchnet.tree.evaluate import branch_metrics
+    from branchnet.tree.grow import check_grow
+
+    tree = load_run_tree(run)
+    for node, classes in additions.items():  # every mistake before any work
+        check_grow(tree, node, classes, group)
+    exp.setup()
+    assert exp.data is not None
+    old_test, n_old = exp.data.test, len(tree.classes_)
+    before = {"accuracy_old": tree.score(old_test.x, old_test.y),
+              "branches": branch_metrics(tree, old_test)}
+    tests = [old_test]
+    for node, classes in additions.items():
+        new = exp.load_more(classes=classes)
+        exp.say(f"grow       {', '.join(classes)} under {node!r}: {len(new.train)} training "
+                f"inputs, {len(new.val)} for early stopping")
+        offset = len(tree.classes_)
+        tree.grow(new, under=node, group=group)
+        tests.append(Split(new.test.x, new.test.y + offset))
+    all_test = concat_splits(tests)
+    leaf = tree.predict(all_test.x).leaf
+    old_rows = all_test.y < n_old
+    after_branches = branch_metrics(tree, old_test)
+    grown = set(additions) | ({group} if group else set())
+    result = {
+        "grown": tree.fit_summary_["grown"], "classes": tree.classes_,
+        "hierarchy": tree.hierarchy_.to_dict(),
+        "accuracy_old_before": before["accuracy_old"],
+        "accuracy_old_after": float((leaf[old_rows] == all_test.y[old_rows]).float().mean()),
+        "accuracy_new": float((leaf[~old_rows] == all_test.y[~old_rows]).float().mean()),
+        "accuracy_all": float((leaf == all_test.y).float().mean()),
+        "per_class_new": {tree.classes_[c]: float((leaf[all_test.y == c] == c).float().mean())
+                          for c in range(n_old, len(tree.classes_))},
+        "branches": {node: {"before": b["overall_accuracy"],
+                            "after": after_branches[node]["overall_accuracy"],
+                            "retrained": node in grown}
+                     for node, b in before["branches"].items() if node in after_branches},
+    }
+    out = Path(out) if out else run.path / "grown"
+    tree.save(out / "tree")
+    write_json(out / "grow.json", result)
+    result["saved"] = str(out)
+    return result
 
 
 def load_parent_weights(parent: torch.nn.Module, section: dict[str, Any]) -> None:
@@ -409,6 +596,22 @@ def compare_runs(run_dirs: list[str | Path]) -> str:
                          f"{_mean_std([r['baselines'].get(key) for r in results])} |")
     lines.append(f"| calibrated threshold | "
                  f"{_mean_std([r['calibration'].get('threshold') for r in results])} |")
+    if all("ari_vs_reference" in r.get("hierarchy", {}) for r in results):
+        lines.append("| hierarchy agreement with the reference (ARI) | "
+                     f"{_mean_std([r['hierarchy']['ari_vs_reference'] for r in results])} |")
+    if all("open_world" in r for r in results):
+        keys = [("tap_auroc", "AUROC (tap)"), ("tap_fpr95", "FPR95 (tap)"),
+                ("tree_auroc", "AUROC (tree)"), ("tree_fpr95", "FPR95 (tree)"),
+                ("test_frr", "known rejected as novel"), ("known_correct", "known, right"),
+                ("known_wrong", "known, wrong"), ("novel_rejected", "novel, rejected"),
+                ("novel_accepted", "novel, accepted")]
+        per_run = [{row["score"]: row for row in open_world_rows(r["open_world"])}
+                   for r in results]
+        lines += ["", "| novelty score | " + " | ".join(label for _, label in keys) + " |",
+                  "|---|" + "---|" * len(keys)]
+        for name in per_run[0]:
+            cells = [_mean_std([p[name][k] for p in per_run if name in p]) for k, _ in keys]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
     scores = [k for k in results[0].get("scores", {}) if all(k in r.get("scores", {})
                                                              for r in results)]
     if scores:

@@ -31,6 +31,10 @@ class Prediction:
     * ``leaf_probs``: P(class) as the product of probabilities along its path.
     * With ``backoff``, an abstaining input is predicted as the deepest node whose membership
       is confident (``node``): the node where it stopped.
+    * ``novel_level``: level at which open-world rejection found the input to be none of that
+      node's children (-1: not novel; None: the tree has no calibrated novelty rejection), and
+      ``novelty`` its end-to-end novelty statistic. A novel input is not *unsure*: ``status``
+      tells ``known`` (accepted), ``unsure`` (abstained among known classes) and ``novel``.
     """
 
     label: torch.Tensor
@@ -43,13 +47,35 @@ class Prediction:
     classes: list[str]
     thresholds: list[float]
     backoff: bool = False
+    novel_level: torch.Tensor | None = None
+    novelty: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.label.shape[0])
 
     @property
     def abstained(self) -> torch.Tensor:
+        """Unsure among the known classes (a confidence below the threshold)."""
         return self.stop_level >= 0
+
+    @property
+    def novel(self) -> torch.Tensor:
+        """Rejected as belonging to none of a node's children."""
+        if self.novel_level is None:
+            return torch.zeros(len(self), dtype=torch.bool)
+        return self.novel_level >= 0
+
+    @property
+    def rejected(self) -> torch.Tensor:
+        """No class predicted: unsure or novel."""
+        return self.abstained | self.novel
+
+    @property
+    def status(self) -> list[str]:
+        """Per input: ``novel``, ``unsure`` or ``known``."""
+        novel, unsure = self.novel.tolist(), self.abstained.tolist()
+        return ["novel" if n else "unsure" if u else "known"
+                for n, u in zip(novel, unsure, strict=True)]
 
     @property
     def confidence(self) -> torch.Tensor:
@@ -60,11 +86,14 @@ class Prediction:
 
     @property
     def coverage(self) -> float:
-        return float((~self.abstained).float().mean()) if len(self) else float("nan")
+        """The fraction of inputs given a class (neither unsure nor novel)."""
+        return float((~self.rejected).float().mean()) if len(self) else float("nan")
 
     def node(self, i: int) -> str | None:
         """The prediction as a node name: a class, a backed-off group, or None (abstained)."""
         s = int(self.stop_level[i])
+        if self.novel_level is not None and int(self.novel_level[i]) >= 0:
+            return None
         if s < 0:
             return self.classes[int(self.leaf[i])]
         if self.backoff and s > 0:
@@ -81,6 +110,11 @@ class Prediction:
 
     def explain(self, i: int) -> str:
         s = int(self.stop_level[i])
+        if self.novel_level is not None and int(self.novel_level[i]) >= 0:
+            node = self.nodes[int(self.path_nodes[i, int(self.novel_level[i])])]
+            assert self.novelty is not None
+            return (f"novel at {node!r}: none of its children (novelty {float(self.novelty[i]):.3f}"
+                    " above the calibrated threshold)")
         if s < 0:
             conf = float(torch.nan_to_num(self.path_conf[i], nan=float("inf")).min())  # one row
             return f"accepted: {self.classes[int(self.leaf[i])]} (confidence {conf:.3f})"
@@ -99,7 +133,7 @@ class Prediction:
         """One JSON-able dict per input (what ``branchnet tree predict`` prints)."""
         out = []
         probs, idx = self.topk(k) if k > 1 else (None, None)  # top-k needs every head's output
-        confidence, abstained = self.confidence.tolist(), self.abstained.tolist()  # once, not per row
+        confidence, status = self.confidence.tolist(), self.status  # once, not per row
         for i in range(len(self)):
             levels = [
                 {"node": self.nodes[int(n)], "confidence": round(float(c), 6)}
@@ -112,7 +146,8 @@ class Prediction:
                 "path": self.path(i),
                 "levels": levels,
                 "confidence": round(confidence[i], 6),
-                "abstained": bool(abstained[i]),
+                "abstained": status[i] == "unsure",
+                "status": status[i],
                 "why": self.explain(i),
             }
             if k > 1:

@@ -17,10 +17,8 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import math
-import re
 import tempfile
 import warnings
 from collections.abc import Callable
@@ -39,15 +37,25 @@ from branchnet.data.batches import TensorPairs
 from branchnet.data.dataset import Data, Split, stratified_split
 from branchnet.data.hierarchy import Hierarchy
 from branchnet.data.imagefolder import default_cache_dir
+from branchnet.data.induce import class_means, confusion_from_predictions, output_weights
 from branchnet.data.texts import Texts
 from branchnet.engine import TrainConfig, fit
-from branchnet.errors import BranchnetError
 from branchnet.fileio import write_json
 from branchnet.saved_model import load_saved_parent, read_saved
 from branchnet.selective import coverage_threshold, sgr_threshold
 from branchnet.selfcheck import TARGETS, SelfCheckHead, fit_selfcheck, selfcheck_targets
 from branchnet.taps import layer_names
+from branchnet.tree.fitting import (
+    HEAD_TRAIN_DEFAULTS,
+    TreeError,
+    _fit_brief,
+    _row_hashes,
+    _safe,
+    _train_config,
+)
+from branchnet.tree.grow import grow as _grow
 from branchnet.tree.layout import TreeLayout
+from branchnet.tree.open_world import TreeNovelty
 from branchnet.tree.prediction import Prediction
 from branchnet.tree.router import (
     LOCAL_SCORES,
@@ -63,10 +71,6 @@ from branchnet.tree.router import (
 
 HeadFactory = Callable[[int, int], nn.Module]
 FORMAT_VERSION = 1
-
-
-class TreeError(BranchnetError, ValueError):
-    """The tree cannot be built, fitted or used as asked."""
 
 
 class PathPrediction(Prediction):
@@ -176,19 +180,6 @@ def _labels(y: Any, classes: list[str] | None) -> tuple[torch.Tensor, list[str] 
     return torch.tensor([index[n] for n in names], dtype=torch.long), classes
 
 
-def _row_hashes(x: torch.Tensor | Texts) -> np.ndarray:
-    """A 64-bit blake2b hash of each input row's float32 bytes (of each text's UTF-8)."""
-    x = _as_inputs(x)
-    rows = ([t.encode() for t in x] if isinstance(x, Texts)
-            else x.detach().cpu().contiguous().flatten(1).numpy())
-    return np.frombuffer(b"".join(hashlib.blake2b(r, digest_size=8).digest() for r in rows),
-                         dtype=np.uint64)
-
-
-def _safe(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)[:40]
-
-
 class BranchTree:
     """A frozen parent network, its tapped hidden layer, and one branch head per internal node.
 
@@ -237,6 +228,11 @@ class BranchTree:
             parent and heads never see (``target``: ``"tcp"``, the probability the tree gives
             the true class, as ConfidNet, or ``"correct"``). Needed by ``confidence="selfcheck"``
             (then ``{}`` is assumed); :meth:`confidence_scores` compares it with the others.
+        novelty: open-world rejection (``{"score": "mahalanobis"}``, or ``energy``, ``knn``
+            with ``k``, ``msp``; more options go to the scorer): every internal node gets a
+            novelty scorer fitted at the end of :meth:`fit` (see
+            :mod:`branchnet.tree.open_world`), and :meth:`calibrate_novelty` sets the
+            threshold that rejects inputs as belonging to none of a node's children.
         progress: progress bars while caching activations and training.
 
     A parent with attributes ``probe`` (an ``nn.Module``) and ``probe_layer`` (one of its taps),
@@ -263,6 +259,7 @@ class BranchTree:
         head_train: TrainConfig | dict | None = None,
         head_callbacks: Callable[[str], list[Any]] | None = None,
         selfcheck: dict[str, Any] | None = None,
+        novelty: dict[str, Any] | None = None,
         workdir: str | Path | None = None,
         cache_dir: str | Path | None = None,
         cache_dtype: str = "float16",
@@ -302,8 +299,10 @@ class BranchTree:
         self.cache_dir = cache_dir
         self.cache_dtype = cache_dtype
         self.selfcheck = selfcheck
+        self.novelty = novelty
         self.progress = progress
         self._selfcheck_options()  # checked here, before any work
+        self._novelty_options()
 
     def get_params(self, deep: bool = True) -> dict[str, Any]:
         """The constructor arguments as given (``deep`` only for scikit-learn compatibility:
@@ -348,8 +347,9 @@ class BranchTree:
         parent_train = _train_config(self.parent_train, self.progress)
         head_train = _train_config(self.head_train, self.progress, default=HEAD_TRAIN_DEFAULTS)
         hier = hierarchy if hierarchy is not None else self.hierarchy
-        hier = Hierarchy.from_dict(hier) if isinstance(hier, dict) else hier
-        hier = hier or Hierarchy.flat(classes)
+        induce = induce_spec(hier, self.parent_labels)  # induced after the parent is trained
+        hier = Hierarchy.from_dict(hier) if isinstance(hier, dict) and not induce else hier
+        hier = Hierarchy.flat(classes) if induce or hier is None else hier
         layout = TreeLayout(hier, classes)
         layout.hierarchy.check_labels(train.y.tolist(), classes)
         sc = self._selfcheck_options()
@@ -359,11 +359,7 @@ class BranchTree:
         if val is None:  # a stratified tenth of the training split, for early stopping
             train, val = train.split(0.1, seed=head_train.seed)
         layout.hierarchy.check_labels(val.y.tolist(), classes)
-        for i, node in enumerate(layout.nodes):
-            for name, split in (("training", train), ("validation", val)):
-                if layout.n_children[i] > 1 and not (layout.slot_of_label(node, split.y) >= 0).any():
-                    raise TreeError(f"node {node!r} has no {name} examples (classes "
-                                    f"{layout.hierarchy.leaves_under(node)}); every node needs both")
+        _check_node_examples(layout, train, val)
         vars(self).pop("router_", None)  # not fitted until this fit completes
         self.selfcheck_: SelfCheckHead | None = None
         self.classes_, self.layout_, self.hierarchy_ = list(classes), layout, layout.hierarchy
@@ -372,6 +368,8 @@ class BranchTree:
         used = [train, val] + ([held] if held is not None else [])  # held: the self-check's
         self.fitted_rows_ = np.unique(np.concatenate([_row_hashes(s.x) for s in used]))
         self.calibration_: dict[str, Any] = {}
+        self.novelty_: TreeNovelty | None = None
+        self.parent_classes_ = len(classes)  # the parent's outputs (grow adds classes after)
         summary: dict[str, Any] = {"classes": list(classes), "nodes": {}}
 
         # 1. the parent
@@ -418,6 +416,20 @@ class BranchTree:
         acts = {name: c[self.tap] for name, c in cached.items()}
         in_dim = int(np.prod(acts["train"].shape[1:]))
         summary["tap_dim"] = in_dim
+        # the parent's outputs of the validation rows: an induced tree's confusion matrix, and
+        # the reference ranks of a root decided by the parent
+        val_logits = (self._parent_logits(val, cached["val"], probe)
+                      if self.router == "parent" or (induce and induce["induce"] == "confusion")
+                      else None)
+        self.fit_data_ = {"cache": str(cache.root), "train": [acts["train"].key],
+                          "val": [acts["val"].key], "train_y": train.y.clone(),
+                          "val_y": val.y.clone(), "val_logits": val_logits}
+        if induce:
+            layout = self._induce(induce, classes, acts["train"], train.y, val_logits, val.y,
+                                  head_train.seed)
+            _check_node_examples(layout, train, val)
+            self.layout_, self.hierarchy_ = layout, layout.hierarchy
+            summary["induced"] = {**induce, "hierarchy": layout.hierarchy.to_dict()}
 
         # 3. one head per internal node, top-down
         root_from_parent = self.router == "parent"
@@ -463,7 +475,72 @@ class BranchTree:
             summary["selfcheck"] = self._fit_selfcheck(held, sc, cache, workdir, resume)
         self.fit_summary_ = summary
         self._build_router()
+        if self.novelty is not None:
+            self.novelty_ = self.make_novelty(**self.novelty)
         return self
+
+    def _parent_logits(self, split: Split, cached: dict[str, CachedActivations],
+                       probe: tuple[nn.Module, str] | None) -> torch.Tensor:
+        """The parent's outputs of ``split`` (a frozen backbone's probe reads its cached layer)."""
+        with torch.inference_mode():
+            if probe is not None:
+                feats = cached[probe[1]]
+                return torch.cat([probe[0](feats[i:i + 4096].flatten(1))
+                                  for i in range(0, len(feats), 4096)])
+            return torch.cat([self.parent(split.x[i:i + 1024])
+                              for i in range(0, len(split), 1024)])
+
+    def _induce(self, spec: dict[str, Any], classes: list[str], train_acts: CachedActivations,
+                train_y: torch.Tensor, val_logits: torch.Tensor | None, val_y: torch.Tensor,
+                seed: int) -> TreeLayout:
+        """The hierarchy induced from what the trained parent knows (see :func:`induce_spec`)."""
+        n = len(classes)
+        method = spec["induce"]
+        source: dict[str, Any] = {}
+        if method == "confusion":
+            assert val_logits is not None
+            source["confusion"] = confusion_from_predictions(val_logits.argmax(1), val_y, n)
+        elif method == "features":
+            source["features"] = class_means(train_acts.as_tensor(), train_y, n)
+        else:
+            source["weights"] = output_weights(self.parent, n)
+        hier = Hierarchy.induce(method, classes, groups=spec["groups"], depth=spec["depth"],
+                                seed=spec.get("seed", seed), **source)
+        return TreeLayout(hier, classes)
+
+    def make_novelty(self, score: str = "mahalanobis", **options: Any) -> TreeNovelty:
+        """A :class:`~branchnet.tree.open_world.TreeNovelty` with ``score``, fitted on the
+        cached tap features of the rows :meth:`fit` trained on (reference ranks: its
+        early-stopping rows). Not installed: ``fit`` installs the one ``novelty=`` names as
+        ``novelty_``; this makes others to compare."""
+        self._require_fit()
+        train, val = self._fit_features("train"), self._fit_features("val")
+        fd = self.fit_data_
+        logits = fd["val_logits"]
+        if logits is None:  # a learned root: the parent's output is not read
+            logits = torch.zeros(len(val), 0)
+        return TreeNovelty(score, **options).fit(self, (train, fd["train_y"]),
+                                                 (val, fd["val_y"]), logits)
+
+    def _fit_features(self, split: str) -> torch.Tensor:
+        """The cached tap features ``[N, F]`` of the training or early-stopping rows of fit."""
+        fd = getattr(self, "fit_data_", None)
+        paths = [Path(fd["cache"]) / key for key in fd[split]] if fd else [None]
+        for path in paths:
+            if path is None or not (path / "meta.json").is_file():
+                raise TreeError(
+                    f"the cached activations this tree was fitted on are gone ({path}); they "
+                    "are kept in the workdir (or cache_dir) given to BranchTree: fit again with "
+                    "workdir=... or cache_dir=... to grow the tree or fit novelty scorers later")
+        return torch.cat([CachedActivations(p).as_tensor().flatten(1) for p in paths])
+
+    def _novelty_options(self) -> None:
+        if self.novelty is None:
+            return
+        if not isinstance(self.novelty, dict):
+            raise TreeError(f"novelty must be a dict such as {{'score': 'mahalanobis'}}, got "
+                            f"{type(self.novelty).__name__}")
+        TreeNovelty(**self.novelty)  # an unknown score fails here, before any work
 
     def _selfcheck_options(self) -> dict[str, Any] | None:
         if self.selfcheck is None and self.confidence != "selfcheck":
@@ -586,7 +663,9 @@ class BranchTree:
 
     def _build_router(self, score: str | None = None) -> None:
         lay = self.layout_
-        groups = lay.root_groups() if self.parent_labels == "fine" else torch.eye(lay.n_children[0])
+        # rows of the parent's own classes: classes grown later get no mass from the parent
+        groups = (lay.root_groups()[:self.parent_classes_] if self.parent_labels == "fine"
+                  else torch.eye(lay.n_children[0]))
         # router "learned": the parent's output is not needed, so it stops at the tap if it can
         parent, how = parent_module(self.parent, self.tap, output_needed=self.router == "parent")
         self.router_ = TreeRouter(
@@ -651,7 +730,53 @@ class BranchTree:
         ``leaf_probs`` run the other heads when first read. ``soft``/``topk`` (which choose
         among every leaf's probability) and ``all_heads=True`` run every head on every input
         in one pass and fill ``leaf_probs`` at once. Both give the same outputs.
+
+        With open-world rejection fitted and calibrated (``novelty=``, :meth:`calibrate_novelty`)
+        an input may also be rejected as *novel* at a node (``Prediction.novel``), told apart
+        from an *unsure* one (``Prediction.abstained``); both have ``label`` -1.
         """
+        pred, kept = self._predict(x, all_heads)
+        nov = getattr(self, "novelty_", None)
+        if nov is not None and math.isfinite(nov.threshold_):
+            u = self._novelty_ranks(x, pred.path_nodes, kept)
+            pred.novel_level, pred.novelty = nov.reject(u), nov.statistic(u)
+            pred.label = torch.where(pred.novel_level >= 0, torch.full_like(pred.label, -1),
+                                     pred.label)
+        return pred
+
+    def _novelty_ranks(self, x: Any, path_nodes: torch.Tensor,
+                       kept: list[tuple[torch.Tensor, torch.Tensor]] | None) -> torch.Tensor:
+        """``u`` of :class:`TreeNovelty` along each input's path, from the parent's outputs
+        kept by a prediction (or computed again)."""
+        assert self.novelty_ is not None
+        logits, feats = (tuple(torch.cat(p) for p in zip(*kept, strict=True)) if kept
+                         else self.parent_outputs(x))
+        return self.novelty_.ranks(self, feats, logits, path_nodes)
+
+    def parent_outputs(self, x: Any, batch_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+        """The parent's ``(output, tapped features [N, F])`` of inputs ``x``, in batches."""
+        x = self._inputs(x)
+        with torch.inference_mode():
+            parts = [self.router_.features(x[i:i + batch_size])
+                     for i in range(0, len(x), batch_size)]
+        return tuple(torch.cat(p) for p in zip(*parts, strict=True))  # type: ignore[return-value]
+
+    def calibrate_novelty(self, data: Split, *, target_frr: float = 0.05,
+                          delta: float = 0.1) -> dict[str, Any]:
+        """Set the novelty threshold on held-out known-class inputs ``data``: with probability
+        ``1 - delta``, at most ``target_frr`` of known inputs are rejected as novel."""
+        self._require_fit()
+        if getattr(self, "novelty_", None) is None:
+            raise TreeError("this tree has no novelty scorers: construct it with "
+                            "novelty={'score': 'mahalanobis'} (or energy, knn, msp) and fit it")
+        calib = self._held_out(data, "novelty")
+        pred, kept = self._predict(calib.x, all_heads=False)
+        return self.novelty_.calibrate(self._novelty_ranks(calib.x, pred.path_nodes, kept),
+                                       target_frr, delta)
+
+    def _predict(self, x: Any, all_heads: bool
+                 ) -> tuple[Prediction, list[tuple[torch.Tensor, torch.Tensor]] | None]:
+        """The prediction without open-world rejection, and the parent's outputs it kept."""
         lay = self._require_fit()
         common = {"nodes": list(lay.nodes), "classes": list(lay.classes),
                   "thresholds": self.thresholds_list(),
@@ -660,7 +785,7 @@ class BranchTree:
             leaf, path_nodes, path_conf, stop, leaf_probs = self._run(x)
             label = torch.where(stop >= 0, torch.full_like(leaf, -1), leaf)
             return Prediction(label=label, leaf=leaf, path_nodes=path_nodes, path_conf=path_conf,
-                              stop_level=stop, leaf_probs=leaf_probs, **common)
+                              stop_level=stop, leaf_probs=leaf_probs, **common), None
         (leaf, path_nodes, path_conf, stop), kept = self._run_paths(x, keep_features=True)
         label = torch.where(stop >= 0, torch.full_like(leaf, -1), leaf)
         router = self.router_
@@ -672,7 +797,7 @@ class BranchTree:
             return torch.cat(parts) if parts else torch.zeros(0, n_classes)
 
         return PathPrediction(label=label, leaf=leaf, path_nodes=path_nodes, path_conf=path_conf,
-                              stop_level=stop, leaf_probs_of=leaf_probs_of, **common)
+                              stop_level=stop, leaf_probs_of=leaf_probs_of, **common), kept
 
     def predict_proba(self, x: Any) -> torch.Tensor:
         """``[N, C]`` class probabilities: the product of probabilities along each path (every
@@ -809,6 +934,13 @@ class BranchTree:
             head_specs[str(i)] = {"spec": spec, "tap": tapped.layer}
         if self.selfcheck_ is not None:
             weights.update({f"selfcheck.{k}": v for k, v in self.selfcheck_.state_dict().items()})
+        novelty = None
+        if getattr(self, "novelty_", None) is not None:
+            novelty, tensors = self.novelty_.state()
+            weights.update({f"novelty.{k}": v for k, v in tensors.items()})
+        fd = getattr(self, "fit_data_", None) or {}
+        weights.update({f"fit.{k}": fd[k] for k in ("train_y", "val_y", "val_logits")
+                        if fd.get(k) is not None})
         meta = {
             "format": "branchnet.tree", "version": FORMAT_VERSION,
             "classes": lay.classes, "hierarchy": lay.hierarchy.to_dict(), "tap": self.tap,
@@ -821,6 +953,9 @@ class BranchTree:
             "calibration": _jsonable(self.calibration_), "fit_summary": _jsonable(self.fit_summary_),
             "selfcheck": None if self.selfcheck_ is None else {
                 k: getattr(self.selfcheck_, k) for k in ("in_features", "hidden", "dropout")},
+            "novelty": _jsonable(novelty), "parent_classes": self.parent_classes_,
+            # where the activations it was fitted on are cached (grow and make_novelty read them)
+            "fit_data": {k: fd[k] for k in ("cache", "train", "val") if k in fd} or None,
         }
         save_weights(weights, path / "weights.safetensors")
         write_json(path / "tree.json", meta)
@@ -863,7 +998,15 @@ class BranchTree:
             _load_prefixed(tree.selfcheck_, weights, "selfcheck.", "self-check")
             tree.selfcheck_.eval().requires_grad_(False)
         tree.fitted_rows_ = None  # not saved: a loaded tree cannot check calibration data
+        tree.parent_classes_ = int(meta.get("parent_classes", len(layout.classes)))
+        fit = {k[4:]: v for k, v in weights.items() if k.startswith("fit.")}
+        tree.fit_data_ = ({**meta["fit_data"], "val_logits": None, **fit}
+                          if meta.get("fit_data") else None)
         tree._build_router()
+        tree.novelty_ = None
+        if meta.get("novelty"):
+            tree.novelty_ = TreeNovelty.from_state(_from_jsonable(meta["novelty"]), {
+                k[8:]: v for k, v in weights.items() if k.startswith("novelty.")})
         return tree
 
     def to_torchscript(self, path: str | Path | None = None,
@@ -896,6 +1039,30 @@ class BranchTree:
             torch.jit.save(traced, str(path))
         return traced
 
+    def grow(self, data: Data | Split, *, under: str, group: str | None = None,
+             classes: list[str] | None = None) -> BranchTree:
+        """Add new classes under the internal node ``under`` without retraining the parent or
+        any other branch: as new leaves of ``under``, or with ``group`` as a new branch (an
+        internal node of that name holding them). ``data`` is a :class:`Data` of the new
+        classes (train split to train, val split to stop early) or a :class:`Split` with
+        ``classes=[names]``; inputs prepared like the tree's (``load(..., statistics=
+        tree.preprocessing_)``). Only ``under``'s head (and the new branch's) trains, on the
+        cached activations of the rows fitted so far and of the new inputs; the record is
+        appended to ``fit_summary_["grown"]``. Calibrate again afterwards.
+
+        >>> import branchnet as bn
+        >>> data = bn.data.load("digits", seed=0)
+        >>> old, new = data.select_classes([0, 1, 2, 3]), data.select_classes([4, 5])
+        >>> hier = {"a": ["0", "1"], "b": ["2", "3"]}
+        >>> tree = bn.BranchTree(bn.models.mlp([64, 64], 4), tap="hidden.0", hierarchy=hier,
+        ...                      parent_train={"epochs": 2}, head_train={"epochs": 2},
+        ...                      workdir=__import__("tempfile").mkdtemp()).fit(old)
+        >>> tree.grow(new, under="b").hierarchy_.children("b")
+        ['2', '3', '4', '5']
+        """
+        _grow(self, data, under=under, group=group, classes=classes)
+        return self
+
     def __repr__(self) -> str:
         state = "fitted" if hasattr(self, "router_") else "not fitted"
         return (f"BranchTree(tap={self.tap!r}, router={self.router!r}, "
@@ -905,18 +1072,6 @@ class BranchTree:
 #: the self-check branch's options (see ``BranchTree(selfcheck=...)``)
 SELFCHECK_DEFAULTS: dict[str, Any] = {"target": "tcp", "fraction": 0.2, "hidden": 128,
                                       "dropout": 0.1, "train": {}}
-HEAD_TRAIN_DEFAULTS = {"epochs": 100, "batch_size": 64, "lr": 3e-4, "weight_decay": 0.01,
-                  "patience": 10}
-
-
-def _train_config(cfg: TrainConfig | dict | None, progress: bool,
-                  default: dict[str, Any] | None = None) -> TrainConfig:
-    if isinstance(cfg, TrainConfig):
-        return cfg
-    merged = {**(default or {}), "progress": progress, **(cfg or {})}
-    return TrainConfig.from_dict(merged)
-
-
 def _what(shape: tuple[int, ...]) -> str:
     return "texts" if shape == () else f"inputs of shape {shape}"
 
@@ -928,17 +1083,46 @@ def _probe_of(parent: nn.Module) -> tuple[nn.Module, str] | None:
     return (probe, layer) if isinstance(probe, nn.Module) and isinstance(layer, str) else None
 
 
+#: how a hierarchy is induced: ``{"induce": ..., "groups": ..., "depth": ..., "seed": ...}``
+INDUCE_METHODS = ("confusion", "features", "weights")
+
+
+def induce_spec(hierarchy: Any, parent_labels: str = "fine") -> dict[str, Any] | None:
+    """The induction asked for by a hierarchy given as ``{"induce": METHOD, "groups": N,
+    "depth": D}`` (with defaults), or None for any other hierarchy.
+
+    >>> induce_spec({"induce": "weights", "groups": 3})
+    {'induce': 'weights', 'groups': 3, 'depth': 1}
+    """
+    if not (isinstance(hierarchy, dict) and "induce" in hierarchy):
+        return None
+    spec = {"groups": 2, "depth": 1, **hierarchy}
+    unknown = sorted(set(spec) - {"induce", "groups", "depth", "seed"})
+    if unknown:
+        raise TreeError(f"unknown hierarchy induction option(s) {unknown}; valid: induce, "
+                        "groups, depth, seed")
+    _check_choice("hierarchy induce", spec["induce"], INDUCE_METHODS)
+    for key, low in (("groups", 2), ("depth", 1)):
+        if not isinstance(spec[key], int) or isinstance(spec[key], bool) or spec[key] < low:
+            raise TreeError(f"hierarchy {key} must be an integer >= {low}, got {spec[key]!r}")
+    if parent_labels != "fine":
+        raise TreeError("an induced hierarchy needs a parent trained on the fine classes "
+                        f"(parent_labels='fine'), got parent_labels={parent_labels!r}: its "
+                        "groups do not exist until the parent is trained")
+    return spec
+
+
+def _check_node_examples(layout: TreeLayout, train: Split, val: Split) -> None:
+    for i, node in enumerate(layout.nodes):
+        for name, split in (("training", train), ("validation", val)):
+            if layout.n_children[i] > 1 and not (layout.slot_of_label(node, split.y) >= 0).any():
+                raise TreeError(f"node {node!r} has no {name} examples (classes "
+                                f"{layout.hierarchy.leaves_under(node)}); every node needs both")
+
+
 def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise TreeError(f"{name}={value!r} is not allowed; choose one of {list(allowed)}")
-
-
-def _fit_brief(res: Any) -> dict[str, Any]:
-    last = res.history[-1] if res.history else {}
-    best = next((h for h in res.history if h.get("epoch") == res.best_epoch), last)
-    return {"epochs_run": res.epochs_run, "best_epoch": res.best_epoch,
-            "best_val_loss": res.best_val_loss, "val_acc": best.get("val_acc"),
-            "train_acc": best.get("train_acc")}
 
 
 def _load_prefixed(module: nn.Module, weights: dict[str, torch.Tensor], prefix: str,
