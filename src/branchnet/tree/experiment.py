@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from sklearn.metrics import balanced_accuracy_score
 
 from branchnet import metrics, models, zoo
-from branchnet.checkpoint import CheckpointError
+from branchnet.checkpoint import CheckpointError, load_weights
 from branchnet.config import check_file
 from branchnet.data import Data, Split
 from branchnet.data.batches import TensorPairs
@@ -495,12 +495,17 @@ def grow_run(run: Run, exp: TreeExperiment, additions: dict[str, list[str]],
 
 
 def load_parent_weights(parent: torch.nn.Module, section: dict[str, Any]) -> None:
-    """Load a config's ``parent.weights`` (a safetensors file, if given) into ``parent``."""
+    """Load a config's ``parent.weights`` into ``parent``: a model run's
+    ``model/weights.safetensors`` (branchnet's own format), or any safetensors state dict."""
     weights = section.get("weights")
     if not weights:
         return
     try:
-        parent.load_state_dict(load_file(weights))
+        try:
+            state = load_weights(weights)[0]
+        except CheckpointError:  # not branchnet's format: a plain state dict
+            state = load_file(weights)
+        parent.load_state_dict(state)
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"parent.weights {weights} is not a readable safetensors file: "
                               f"{e}") from e
