@@ -419,8 +419,8 @@ class BranchTree:
         # the parent's outputs of the validation rows: an induced tree's confusion matrix, and
         # the reference ranks of a root decided by the parent
         val_logits = (self._parent_logits(val, cached["val"], probe)
-                      if self.router == "parent" or (induce and induce["induce"] == "confusion")
-                      else None)
+                      if (self.router == "parent" and self.novelty is not None)
+                      or (induce and induce["induce"] == "confusion") else None)
         self.fit_data_ = {"cache": str(cache.root), "train": [acts["train"].key],
                           "val": [acts["val"].key], "train_y": train.y.clone(),
                           "val_y": val.y.clone(), "val_logits": val_logits}
@@ -517,6 +517,9 @@ class BranchTree:
         train, val = self._fit_features("train"), self._fit_features("val")
         fd = self.fit_data_
         logits = fd["val_logits"]
+        if logits is None and self.router == "parent":
+            raise TreeError("the parent's outputs of the validation rows were not kept: fit "
+                            "the tree with novelty={'score': ...} to fit novelty scorers")
         if logits is None:  # a learned root: the parent's output is not read
             logits = torch.zeros(len(val), 0)
         return TreeNovelty(score, **options).fit(self, (train, fd["train_y"]),
