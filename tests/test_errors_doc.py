@@ -87,6 +87,15 @@ FIT_CASES: list[tuple[str, list[str], str]] = [
     ("tree", ["seed=-1"], "seed must be a whole number in [0, 4294967295], got -1"),
     ("tree", ["parent.train.lr"], "override 'parent.train.lr' must look like key.sub=value"),
     ("tree", ["baselines=maybe"], "baselines must be true or false, got 'maybe'"),
+    ("tree", ["hierarchy={induce: confusion, groups: 12}"],
+     "hierarchy.groups must be at most the number of classes (10), got 12"),
+    ("tree", ["hierarchy={induce: spectral}"], "hierarchy induce='spectral' is not allowed"),
+    ("tree", ["hierarchy={induce: weights, group: 3}"], "unknown hierarchy induction option(s)"),
+    ("tree", ["hierarchy={induce: weights}", "parent.labels=coarse"],
+     "an induced hierarchy needs a parent trained on the fine classes"),
+    ("tree", ["novelty={classes: ['3']}"], "novelty.classes must be classes the tree does not know"),
+    ("tree", ["novelty={score: odin}"], "novelty.score must be one of"),
+    ("tree", ["novelty={source: missing.jsonl}"], "novelty.source must be an existing"),
     ("model", ["model.kind=resnet"], "model.kind must be one of ['alexnet', 'cnn', 'mlp']"),
     ("model", ["model={kind: alexnet, widht: [8, 8, 8]}"], "unknown option(s) ['widht']"),
     ("model", ["model=3"], "model must be a mapping"),
@@ -301,7 +310,7 @@ def test_shipped_configs_pass_their_schema() -> None:
     from branchnet.config import read_yaml
 
     prefixes = {"vbranch": "vbranch", "plastic": "plastic", "specialization": "model",
-                "probe": "probe", "exits": "exits"}
+                "probe": "probe", "exits": "exits", "model": "model"}
     for path in sorted((ROOT / "configs").glob("*.yaml")):
         kind = next((k for p, k in prefixes.items() if path.name.startswith(p)), "tree")
         kinds.get(kind).schema.model_validate(read_yaml(path))

@@ -88,7 +88,7 @@ def test_agreement_is_the_adjusted_rand_index():
 def test_sources_from_a_model_and_predictions():
     net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 5))
     assert np.allclose(output_weights(net, 5), net[2].weight.detach().numpy())
-    with pytest.raises(DataError, match="no nn.Linear layer with 7 outputs"):
+    with pytest.raises(DataError, match=r"no nn\.Linear layer with 7 outputs"):
         output_weights(net, 7)
     c = confusion_from_predictions(torch.tensor([0, 1, 1]), torch.tensor([0, 0, 1]), 3)
     assert c.tolist() == [[1, 1, 0], [0, 1, 0], [0, 0, 0]]

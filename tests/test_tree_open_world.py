@@ -7,6 +7,7 @@ and 2 novel classes far from all of them, so the right answers are known.
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -240,3 +241,38 @@ def test_open_world_evaluation_on_blobs(fitted):
         assert j["novel_rejected"] + j["novel_unsure"] + j["novel_accepted"] == pytest.approx(1)
     assert set(figures) == {"novelty", "novelty_tree"}
     assert result["best_feature_score"] in ("energy", "mahalanobis", "knn")
+
+
+# ------------------------------------------------------------------------------- the CLI
+def test_cli_open_world_run_and_grow(tmp_path):
+    """A digits tree on 8 classes with 8 and 9 as novel inputs, then 8 and 9 grown in."""
+    from cli_helpers import DIGITS_CONFIG, run_cli, write_config
+
+    from branchnet.runs import Run
+
+    cfg = {**DIGITS_CONFIG,
+           "data": {**DIGITS_CONFIG["data"], "classes": [str(c) for c in range(8)]},
+           "hierarchy": {"round": ["0", "6"], "straight": ["1", "4", "7"],
+                         "curly": ["2", "3", "5"]},
+           "novelty": {"classes": ["8", "9"], "knn_k": 5, "target_frr": 0.2, "delta": 0.2}}
+    config = write_config(tmp_path / "c.yaml", cfg)
+    code, out, err = run_cli(["tree", "fit", str(config), "--out", str(tmp_path / "runs")])
+    assert code == 0, err
+    assert "open world (AUROC" in out
+    run = next((tmp_path / "runs").iterdir())
+    metrics = Run.open(run).read_metrics()
+    ow = metrics["open_world"]
+    assert set(ow["scores"]) == {"msp", "energy", "mahalanobis", "knn"}
+    assert ow["n_novel"] > 0 and "auroc_gain_over_msp" in ow
+    assert (run / "figures" / "novelty.png").is_file()
+    assert "Open world" in (run / "report.html").read_text()
+    code, out, err = run_cli(["tree", "grow", str(run), "8:round", "9:curly"])
+    assert code == 0, err
+    grown = json.loads((run / "grown" / "grow.json").read_text())
+    assert grown["classes"][-2:] == ["8", "9"]
+    untouched = grown["branches"]["straight"]
+    assert not untouched["retrained"] and untouched["after"] == untouched["before"]
+    code, _, err = run_cli(["tree", "grow", str(run), "3:round"])
+    assert code == 2 and "classes ['3'] are already in the tree" in err
+    code, _, err = run_cli(["tree", "grow", str(run), "8-round"])
+    assert code == 2 and "must be CLASS:NODE" in err
