@@ -246,9 +246,8 @@ def test_open_world_evaluation_on_blobs(fitted):
 # ------------------------------------------------------------------------------- the CLI
 def test_cli_open_world_run_and_grow(tmp_path):
     """A digits tree on 8 classes with 8 and 9 as novel inputs, then 8 and 9 grown in."""
-    from cli_helpers import DIGITS_CONFIG, run_cli, write_config
-
     from branchnet.runs import Run
+    from cli_helpers import DIGITS_CONFIG, run_cli, write_config
 
     cfg = {**DIGITS_CONFIG,
            "data": {**DIGITS_CONFIG["data"], "classes": [str(c) for c in range(8)]},
