@@ -1099,7 +1099,7 @@ def induce_spec(hierarchy: Any, parent_labels: str = "fine") -> dict[str, Any] |
     """
     if not (isinstance(hierarchy, dict) and "induce" in hierarchy):
         return None
-    spec = {"groups": 2, "depth": 1, **hierarchy}
+    spec = {"induce": None, "groups": 2, "depth": 1, **hierarchy}
     unknown = sorted(set(spec) - {"induce", "groups", "depth", "seed"})
     if unknown:
         raise TreeError(f"unknown hierarchy induction option(s) {unknown}; valid: induce, "
