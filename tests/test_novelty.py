@@ -104,7 +104,7 @@ def test_bad_input():
     x, y = gaussian_classes(n=10)
     with pytest.raises(NoveltyScoreError, match="fitted on 6-d features, got 4-d"):
         make_scorer("knn").fit(x, y).score(torch.zeros(2, 4), None)
-    with pytest.raises(NoveltyScoreError, match="k must be a positive integer, got 0"):
+    with pytest.raises(NoveltyScoreError, match="k must be a positive integer or 'auto', got 0"):
         make_scorer("knn", k=0)
     with pytest.raises(NoveltyScoreError, match="energy score reads logits"):
         make_scorer("energy").score(x, torch.zeros(len(x), 0))

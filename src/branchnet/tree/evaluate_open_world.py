@@ -21,11 +21,9 @@ import torch
 from matplotlib.figure import Figure
 
 from branchnet.data.dataset import Split
-from branchnet.novelty import frr_threshold, joint_outcome, make_scorer, ood_metrics
+from branchnet.novelty import SCORERS, frr_threshold, joint_outcome, make_scorer, ood_metrics
 from branchnet.tree.open_world import TreeNovelty
 from branchnet.tree.tree import BranchTree
-
-LOGIT_SCORES = ("msp", "energy")
 
 
 def _outputs(tree: BranchTree, split: Split) -> dict[str, Any]:
@@ -36,13 +34,13 @@ def _outputs(tree: BranchTree, split: Split) -> dict[str, Any]:
     return {"pred": pred, "logits": logits, "feats": feats.flatten(1).float()}
 
 
-def score_options(score: str, knn_k: int) -> dict[str, Any]:
+def score_options(score: str, knn_k: int | str) -> dict[str, Any]:
     return {"k": knn_k} if score == "knn" else {}
 
 
 def evaluate_open_world(tree: BranchTree, test: Split, novel: Split, calibration: Split,
                         scores: list[str], *, target_frr: float = 0.05, delta: float = 0.1,
-                        knn_k: int = 50) -> tuple[dict[str, Any], dict[str, Figure]]:
+                        knn_k: int | str = "auto") -> tuple[dict[str, Any], dict[str, Figure]]:
     """Metrics (JSON-able) and the novelty histograms; see the module docstring."""
     out = {name: _outputs(tree, split) for name, split in
            (("test", test), ("novel", novel), ("calibration", calibration))}
@@ -58,7 +56,7 @@ def evaluate_open_world(tree: BranchTree, test: Split, novel: Split, calibration
     for score in scores:
         opts = score_options(score, knn_k)
         rec: dict[str, Any] = {}
-        if score not in LOGIT_SCORES or has_logits:  # a truncated parent has no output
+        if SCORERS[score].needs == "features" or has_logits:  # a truncated parent has no output
             scorer = make_scorer(score, **opts).fit(train_feats, train_y)
             s = {k: scorer.score(out[k]["feats"], out[k]["logits"]).numpy()
                  for k in ("test", "novel")}
@@ -79,7 +77,8 @@ def evaluate_open_world(tree: BranchTree, test: Split, novel: Split, calibration
             "joint": _joint(correct, unsure, rej),
         }
         result["scores"][score] = rec
-    best = max((s for s in scores if s != "msp" and "tap" in result["scores"][s]),
+    best = max((s for s in scores  # feature space: Mahalanobis, KNN (energy reads logits)
+                if SCORERS[s].needs == "features" and "tap" in result["scores"][s]),
                key=lambda s: result["scores"][s]["tap"]["auroc"], default=None)
     if best is not None and "tap" in result["scores"].get("msp", {}):
         result["best_feature_score"] = best

@@ -112,7 +112,8 @@ class NoveltySection(Section):
     #: the scores compared in the evaluation (the tree's own among them)
     compare: list[Literal[tuple(SCORERS)]] = Field(  # type: ignore[valid-type]
         default_factory=lambda: ["msp", "energy", "mahalanobis", "knn"])
-    knn_k: PositiveInt = 50
+    #: KNN's k: a number, or auto (k = 50 per 50,000 training rows, Sun et al.'s scaling)
+    knn_k: PositiveInt | Literal["auto"] = "auto"
     target_frr: OpenFraction = 0.05
     delta: OpenFraction = 0.1
     #: where the novel inputs come from: a data source (default: data.source) and its classes
