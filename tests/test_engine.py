@@ -180,6 +180,7 @@ def test_training_without_validation(tmp_path: Path) -> None:
     result = fit(net, blobs(128, seed=1), None, cfg(epochs=2, patience=1), workdir=tmp_path)
     assert result.epochs_run == 2 and result.best_checkpoint is None and result.best_val_loss is None
     assert [sorted(r) for r in result.history] == [["epoch", "train_acc", "train_loss"]] * 2
+    assert len(result.epoch_seconds) == 2 and 0 < result.epoch_seconds[0] < result.epoch_seconds[1]
     assert load_checkpoint(tmp_path / "checkpoints" / "last.safetensors")["epoch"] == 1
     assert_states_equal(ckpt_state(tmp_path / "checkpoints" / "last.safetensors"), state_of(net))
 

@@ -47,7 +47,8 @@ ENV = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1",
 LOGGED_CLI = ("import logging, runpy, sys; logging.basicConfig(level=logging.INFO, "
               "format='%(name)s: %(message)s'); sys.argv[0] = 'branchnet'; "
               "runpy.run_module('branchnet.cli', run_name='__main__')")
-WALL_CLOCK = {"seconds", "train_seconds", "update_seconds", "update_share"}
+WALL_CLOCK = {"seconds", "train_seconds", "update_seconds", "update_share",
+              "epoch_seconds"}
 HIERARCHY = {"round": ["0", "6", "8", "9"], "straight": ["1", "4", "7"], "curly": ["2", "3", "5"]}
 
 MODEL = {"name": "fmodel", "seed": 0,

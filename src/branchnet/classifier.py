@@ -35,7 +35,7 @@ from branchnet.schema import DataSection, Section, Seed, TrainSection
 __all__ = ["ClassifierConfig", "ClassifierExperiment", "evaluate_model"]
 
 #: the model kinds a classifier run accepts
-PLAIN_MODELS = {"mlp": "mlp", "cnn": "cnn", "alexnet": "alexnet"}
+PLAIN_MODELS = {"mlp": "mlp", "cnn": "cnn", "alexnet": "alexnet", "resnet": "resnet"}
 
 
 class ClassifierConfig(Section):
@@ -46,6 +46,8 @@ class ClassifierConfig(Section):
     #: classes and the input size come from the data
     model: dict[str, Any] = Field(default_factory=lambda: {"kind": "alexnet"})
     train: TrainSection = Field(default_factory=TrainSection)
+    #: evaluate the test split after every epoch, for the time curve only (never for stopping)
+    monitor_test: bool = False
     progress: bool = True
 
 
@@ -99,7 +101,8 @@ class ClassifierExperiment(Experiment):
         val = TensorPairs(data.val.x, data.val.y) if len(data.val) else None
         res = fit(model, TensorPairs(data.train.x, data.train.y), val,
                   self.train_config(cfg["train"]), workdir=run.work / "model", resume=resume,
-                  description=f"{cfg['model']['kind']} classifier")
+                  description=f"{cfg['model']['kind']} classifier",
+                  monitor=TensorPairs(data.test.x, data.test.y) if cfg["monitor_test"] else None)
         result: dict[str, Any] = {
             **evaluate_model(model, data.test, data.classes),
             "model": {"spec": spec, "parameters": zoo.num_parameters(model),

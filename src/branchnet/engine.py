@@ -22,9 +22,11 @@ import csv
 import logging
 import math
 import os
+import time
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +39,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from branchnet.checkpoint import CheckpointError, SafetensorsCheckpointIO, load_checkpoint
+from branchnet.data.augment import augment_batch
 from branchnet.data.batches import make_loader
 from branchnet.errors import BranchnetError, ConfigError
 from branchnet.fileio import atomic_write, read_json, write_json
@@ -68,6 +71,17 @@ class TrainConfig:
     lr_schedule: str | None = None
     lr_milestones: list[int] = field(default_factory=list)
     lr_gamma: float = 0.1
+    #: ``onecycle``: linear rise from 0 over ``warmup_epochs``, then linear fall to 0 at the end
+    warmup_epochs: float = 0.0
+    nesterov: bool = False
+    label_smoothing: float = 0.0
+    #: batch augmentation of image inputs (:mod:`branchnet.data.augment`)
+    augment: str | None = None
+    crop_padding: int = 4
+    #: ``bf16``: bfloat16 autocast (Lightning's ``bf16-mixed``); weights stay float32
+    precision: str = "32"
+    #: 4-d weights and image batches in channels-last memory order (faster convolutions on CPU)
+    channels_last: bool = True
 
     def __post_init__(self) -> None:
         # ranges and choices are declared once, in the config schema's TrainSection
@@ -75,6 +89,12 @@ class TrainConfig:
             validate(TrainSection, asdict(self))
         except ConfigError as e:
             raise TrainingError(str(e)) from None
+        if self.lr_schedule == "onecycle" and self.warmup_epochs >= self.epochs:
+            raise TrainingError(f"warmup_epochs must be below epochs ({self.epochs}) for the "
+                                f"onecycle schedule, got {self.warmup_epochs}")
+        if self.nesterov and (self.optimizer != "sgd" or self.momentum == 0):
+            raise TrainingError("nesterov needs optimizer 'sgd' with momentum > 0, got "
+                                f"optimizer {self.optimizer!r}, momentum {self.momentum}")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> TrainConfig:
@@ -88,13 +108,22 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def lr_at(self, epoch: int) -> float:
-        """The learning rate of ``epoch`` (0-based): constant, cosine to 0 over ``epochs``, or
-        multiplied by ``lr_gamma`` at each of ``lr_milestones``.
+    def lr_at(self, epoch: float) -> float:
+        """The learning rate at ``epoch`` (0-based; fractional within an epoch for
+        ``onecycle``, which is set every step): constant, cosine to 0 over ``epochs``,
+        multiplied by ``lr_gamma`` at each of ``lr_milestones``, or one cycle (up over
+        ``warmup_epochs``, then down to 0 at the end).
 
         >>> TrainConfig(lr=0.1, lr_schedule="step", lr_milestones=[2], epochs=4).lr_at(3)
         0.010000000000000002
+        >>> TrainConfig(lr=0.1, lr_schedule="onecycle", warmup_epochs=1, epochs=3).lr_at(2)
+        0.05
         """
+        if self.lr_schedule == "onecycle":
+            up = self.warmup_epochs
+            if epoch < up:
+                return self.lr * epoch / up
+            return self.lr * max(0.0, (self.epochs - epoch) / (self.epochs - up))
         if self.lr_schedule == "cosine":
             return self.lr * 0.5 * (1 + math.cos(math.pi * epoch / self.epochs))
         if self.lr_schedule == "step":
@@ -120,6 +149,8 @@ class FitResult:
     epochs_run: int = 0
     stopped_early: bool = False
     best_checkpoint: str | None = None
+    #: wall seconds of training (validation included) from the start to the end of each epoch
+    epoch_seconds: list[float] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -142,16 +173,22 @@ class ClassifierModule(L.LightningModule):
         self.automatic_optimization = False
         self.model = model
         self.cfg = cfg
-        self.loss_fn = loss_fn or F.cross_entropy
+        self.loss_fn = loss_fn or partial(F.cross_entropy, label_smoothing=cfg.label_smoothing)
         self.score_fn = score_fn or argmax_score
         self._sums: dict[str, torch.Tensor] = {}
+        self._time_before, self._t0, self._chunks = 0.0, time.perf_counter(), 1
         self.history: list[dict[str, float]] = []
+        #: training seconds from the start of the run to the end of each epoch (resumes add on)
+        self.epoch_seconds: list[float] = []
         self.csv_path: Path | None = None
+        self.monitor: Any = None  # a loader evaluated after every epoch, for the record only
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
 
     def _loss(self, x: torch.Tensor, y: torch.Tensor, stage: str) -> torch.Tensor:
+        if self.cfg.channels_last and x.ndim == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
         logits = self.model(x)
         loss = self.loss_fn(logits, y)
         if not torch.isfinite(loss):
@@ -168,12 +205,36 @@ class ClassifierModule(L.LightningModule):
         s[3] += len(y)
         return loss
 
+    @torch.no_grad()
+    def _evaluate(self, loader: Any) -> tuple[float, float]:
+        """Mean loss and score over ``loader``, in eval mode, touching no training state."""
+        was_training = self.model.training
+        self.model.eval()
+        loss = correct = count = rows = 0.0
+        for x, y in loader:
+            if self.cfg.channels_last and x.ndim == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with self.trainer.precision_plugin.forward_context():
+                logits = self.model(x)
+            loss += float(self.loss_fn(logits.float(), y)) * len(y)
+            c, n = self.score_fn(logits, y)
+            correct, count, rows = correct + float(c), count + n, rows + len(y)
+        self.model.train(was_training)
+        return loss / max(rows, 1.0), correct / max(count, 1.0)
+
     def training_step(self, batch: Any, batch_idx: int) -> None:
-        opt = self.optimizers()
+        opt, cfg = self.optimizers(), self.cfg
         x, y = batch
-        for start in range(0, len(y), self.cfg.batch_size):
-            sl = slice(start, start + self.cfg.batch_size)
-            loss = self._loss(x[sl], y[sl], "train")
+        starts = range(0, len(y), cfg.batch_size)
+        for i, start in enumerate(starts):
+            sl = slice(start, start + cfg.batch_size)
+            if cfg.lr_schedule == "onecycle":
+                epoch = self.current_epoch + (batch_idx + i / len(starts)) / self._chunks
+                for group in opt.optimizer.param_groups:
+                    group["lr"] = cfg.lr_at(epoch)
+            xb = x[sl] if cfg.augment is None else augment_batch(x[sl], cfg.augment,
+                                                                 cfg.crop_padding)
+            loss = self._loss(xb, y[sl], "train")
             opt.zero_grad(set_to_none=True)
             self.manual_backward(loss)
             opt.step()
@@ -184,6 +245,11 @@ class ClassifierModule(L.LightningModule):
     def _end_epoch(self) -> None:
         """Log this epoch's sums and add a row to the history (kept inside checkpoints)."""
         row: dict[str, float] = {"epoch": self.current_epoch}
+        self.epoch_seconds.append(self._time_before + time.perf_counter() - self._t0)
+        if self.monitor is not None:
+            t = time.perf_counter()
+            row["monitor_loss"], row["monitor_acc"] = self._evaluate(self.monitor)
+            self._t0 += time.perf_counter() - t  # the record's time is not training time
         for stage in ("train", "val"):
             sums = self._sums.pop(stage, None)
             if sums is None:
@@ -203,8 +269,14 @@ class ClassifierModule(L.LightningModule):
         if not self.trainer.sanity_checking:
             self._end_epoch()
 
+    def on_train_start(self) -> None:
+        self._time_before = self.epoch_seconds[-1] if self.epoch_seconds else 0.0
+        self._t0 = time.perf_counter()
+
     def on_train_epoch_start(self) -> None:
-        # set, not stepped: the rate depends on the epoch alone, so a resumed run matches
+        # set, not stepped: the rate depends on the epoch (and step) alone, so a resumed run
+        # matches
+        self._chunks = max(1, self.trainer.num_training_batches)
         for group in self.optimizers().optimizer.param_groups:
             group["lr"] = self.cfg.lr_at(self.current_epoch)
 
@@ -216,11 +288,13 @@ class ClassifierModule(L.LightningModule):
         # the global RNG drives dropout: restoring it makes a resumed run identical
         checkpoint["torch_rng_state"] = torch.get_rng_state()
         checkpoint["history"] = self.history
+        checkpoint["epoch_seconds"] = self.epoch_seconds
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if "torch_rng_state" in checkpoint:
             torch.set_rng_state(checkpoint["torch_rng_state"])
         self.history = list(checkpoint.get("history", []))
+        self.epoch_seconds = list(checkpoint.get("epoch_seconds", []))
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         c = self.cfg
@@ -229,7 +303,8 @@ class ClassifierModule(L.LightningModule):
             return torch.optim.Adam(params, lr=c.lr, weight_decay=c.weight_decay, fused=_FUSED)
         if c.optimizer == "adamw":
             return torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay, fused=_FUSED)
-        return torch.optim.SGD(params, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
+        return torch.optim.SGD(params, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay,
+                               nesterov=c.nesterov)
 
 
 class _SafeCheckpoint(ModelCheckpoint):
@@ -253,6 +328,14 @@ def _quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
     warnings.filterwarnings("ignore", message=".*but have no `val_dataloader`.*")
     warnings.filterwarnings("ignore", message=".*treespec.*")
+
+
+def memory_format(model: nn.Module, fmt: torch.memory_format) -> None:
+    """Store the 4-d parameters of ``model`` in ``fmt`` (channels-last or contiguous), in place;
+    values, optimizer and ``state_dict`` are unchanged."""
+    for p in model.parameters():
+        if p.ndim == 4:
+            p.data = p.data.contiguous(memory_format=fmt)
 
 
 def write_history(history: list[dict[str, float]], path: Path) -> None:
@@ -280,6 +363,7 @@ def fit(
     score_fn: Scorer | None = None,
     callbacks: list[L.Callback] | None = None,
     description: str = "",
+    monitor: Dataset | None = None,
 ) -> FitResult:
     """Train ``model`` in place; with ``val`` and ``cfg.patience``, stop early and restore the best.
 
@@ -290,7 +374,10 @@ def fit(
     ``loss_fn(output, y)`` replaces cross-entropy; ``score_fn(output, y) -> (correct, count)``
     replaces argmax accuracy (for models whose output is not ``(batch, classes)``). Extra
     Lightning ``callbacks`` run with the engine's own; their ``state_dict`` goes into every
-    checkpoint (tensors included), so they resume too.
+    checkpoint (tensors included), so they resume too. ``monitor`` (say, the test split) is
+    evaluated after every epoch for the record only (``monitor_loss`` / ``monitor_acc`` in the
+    history): it never decides early stopping or the best checkpoint, and its time is left
+    out of ``epoch_seconds``.
     """
     _quiet_lightning()
     workdir = Path(workdir)
@@ -317,8 +404,17 @@ def fit(
             tmp.unlink(missing_ok=True)
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
+    if cfg.augment is not None:
+        x0 = train[0][0]
+        if not isinstance(x0, torch.Tensor) or x0.ndim != 3:
+            raise TrainingError(f"augment={cfg.augment!r} needs image inputs [C, H, W], got "
+                                f"inputs of shape {tuple(getattr(x0, 'shape', ()))}")
+    if cfg.channels_last:
+        memory_format(model, torch.channels_last)
     module = ClassifierModule(model, cfg, loss_fn, score_fn)
     module.csv_path = workdir / "metrics.csv"
+    if monitor is not None:
+        module.monitor = make_loader(monitor, max(cfg.batch_size, 256))
     monitor = "val_loss" if val is not None else None
     checkpoint = _SafeCheckpoint(
         dirpath=ckpt_dir, filename="best-{epoch:03d}", monitor=monitor, mode="min",
@@ -347,6 +443,7 @@ def fit(
         enable_progress_bar=cfg.progress,
         enable_model_summary=False,
         num_sanity_val_steps=0,
+        precision="bf16-mixed" if cfg.precision == "bf16" else "32-true",
     )
     if cfg.progress and description:
         print(f"training {description}", flush=True)
@@ -357,16 +454,18 @@ def fit(
     trainer.fit(module, train_loader, val_loader,
                 ckpt_path=str(last) if resume and last.exists() else None)
 
-    history, epochs_run = module.history, trainer.current_epoch
+    memory_format(model, torch.contiguous_format)  # users' code may .view() its outputs
+    history, epochs_run, seconds = module.history, trainer.current_epoch, module.epoch_seconds
     if cfg.devices > 1 and last.is_file():
         # DDP trained in spawned workers: this process only got the final weights back (not
         # the history, epoch count or best score), so read them from rank 0's last checkpoint
         ck = load_checkpoint(last)
         history, epochs_run = list(ck.get("history", [])), int(ck["epoch"]) + 1
+        seconds = list(ck.get("epoch_seconds", []))
         if checkpoint.state_key in ck.get("callbacks", {}):
             checkpoint.load_state_dict(ck["callbacks"][checkpoint.state_key])
     best_path = checkpoint.best_model_path or None
-    result = FitResult(history=history, epochs_run=epochs_run,
+    result = FitResult(history=history, epochs_run=epochs_run, epoch_seconds=seconds,
                        stopped_early=epochs_run < cfg.epochs,
                        best_checkpoint=best_path)
     if best_path:

@@ -192,6 +192,73 @@ class AlexNetSmall(nn.Module):
         return self.head(x)
 
 
+class BasicBlock(nn.Module):
+    """conv3x3 -> BN -> ReLU -> conv3x3 -> BN, plus the shortcut (identity, or a 1x1 conv + BN
+    when the stride or width changes: option B of He et al.), -> ReLU."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False),
+                                          nn.BatchNorm2d(c_out))
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.bn2(self.conv2(self.act(self.bn1(self.conv1(x)))))
+        return self.act(out + self.shortcut(x))
+
+
+class ResNet(nn.Module):
+    """CIFAR ResNet-``depth`` (He et al. 2016): 3x3 stem conv -> BN -> ReLU, three ``stages`` of
+    ``(depth - 2) / 6`` basic blocks with ``width``, ``2 width``, ``4 width`` channels (strides
+    1, 2, 2), global average ``pool`` and ``head``. Tap ``pool`` (``4 width`` features) or a
+    stage (``stages.1``) for branch input."""
+
+    def __init__(self, depth: int = 20, width: int = 16, num_classes: int = 10,
+                 in_channels: int = 3):
+        super().__init__()
+        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 8 or (depth - 2) % 6:
+            raise ValueError(f"resnet depth must be 6n+2 with n >= 1 (8, 14, 20, 32, 44, 56, "
+                             f"110, ...), got {depth!r}")
+        if width < 1 or num_classes < 1 or in_channels < 1:
+            raise ValueError(f"resnet width, num_classes and in_channels must be positive, got "
+                             f"{width}, {num_classes}, {in_channels}")
+        self.spec = {"kind": "resnet", "depth": depth, "width": int(width),
+                     "num_classes": int(num_classes), "in_channels": int(in_channels)}
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, 1, 1, bias=False),
+                                  nn.BatchNorm2d(width), nn.ReLU(inplace=True))
+        n, c, stages = (depth - 2) // 6, width, []
+        for w, stride in ((width, 1), (2 * width, 2), (4 * width, 2)):
+            blocks = [BasicBlock(c, w, stride)] + [BasicBlock(w, w) for _ in range(n - 1)]
+            stages.append(nn.Sequential(*blocks))
+            c = w
+        self.stages = nn.Sequential(*stages)
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head = nn.Linear(c, num_classes)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """He-normal convolutions (fan-out), BN weight 1 and bias 0, PyTorch's default head."""
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        self.head.reset_parameters()
+
+    def extra_repr(self) -> str:
+        return f"depth={self.spec['depth']}, width={self.spec['width']}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.pool(self.stages(self.stem(x))))
+
+
 def mlp(sizes: Sequence[int], num_classes: int, dropout: float = 0.0) -> MLP:
     """An MLP ``sizes[0] -> sizes[1] -> ... -> num_classes`` (see :class:`MLP`)."""
     return MLP(sizes, num_classes, dropout)
@@ -210,6 +277,17 @@ def alexnet(num_classes: int = 10, groups: int = 2, widths: Sequence[int] = (48,
     return AlexNetSmall(num_classes, groups, widths, hidden, in_channels, dropout, image_size)
 
 
+def resnet(depth: int = 20, width: int = 16, num_classes: int = 10,
+           in_channels: int = 3) -> ResNet:
+    """A CIFAR ResNet (see :class:`ResNet`); ``resnet(20)`` is ResNet-20 (0.27 M parameters).
+
+    >>> net = resnet(8, width=4, num_classes=3)
+    >>> net(torch.zeros(2, 3, 8, 8)).shape
+    torch.Size([2, 3])
+    """
+    return ResNet(depth, width, num_classes, in_channels)
+
+
 def branch_head(n_in: int, n_out: int, hidden: int = 256, dropout: float = 0.5) -> MLP:
     """The default branch: ``n_in -> hidden -> n_out`` with dropout, as in Neural-Branching
     (512 -> 256 -> 3, Dropout 0.5). Its hidden layer ``hidden.0`` can itself be tapped."""
@@ -224,6 +302,7 @@ _BUILDERS = {
         s.get("num_classes", 10), s.get("groups", 2), s.get("widths", (48, 96, 128)),
         s.get("hidden", 256), s.get("in_channels", 3), s.get("dropout", 0.5),
         s.get("image_size", 32)),
+    "resnet": lambda s: ResNet(s["depth"], s["width"], s["num_classes"], s["in_channels"]),
 }
 
 
@@ -238,7 +317,7 @@ def build(spec: dict[str, Any]) -> nn.Module:
 def spec_of(model: nn.Module) -> dict[str, Any] | None:
     """The model's spec if branchnet can rebuild it, else None."""
     # exact classes only: a subclass may change forward() and would be rebuilt wrongly
-    if type(model) not in (MLP, SmallCNN, AlexNetSmall):
+    if type(model) not in (MLP, SmallCNN, AlexNetSmall, ResNet):
         return None
     return dict(model.spec)
 

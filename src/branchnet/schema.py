@@ -77,9 +77,16 @@ class TrainSection(Section):
     num_workers: NonNegativeInt = 0
     progress: bool = True
     batches_per_step: PositiveInt | None = None
-    lr_schedule: Literal["cosine", "step"] | None = None
+    lr_schedule: Literal["cosine", "step", "onecycle"] | None = None
     lr_milestones: list[PositiveInt] = Field(default_factory=list)
     lr_gamma: PositiveFloat = 0.1
+    warmup_epochs: NonNegativeFloat = 0.0
+    nesterov: bool = False
+    label_smoothing: Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)] = 0.0
+    augment: Literal["flip", "crop", "flip-crop"] | None = None
+    crop_padding: PositiveInt = 4
+    precision: Literal["32", "bf16"] = "32"
+    channels_last: bool = True
 
 
 def with_defaults(section: type[Section], **defaults: Any) -> type[Section]:

@@ -67,6 +67,7 @@ MODELS: dict[str, ModelKind] = {
     "mlp": ModelKind(models.mlp, {"sizes": ["auto", 256]}),
     "cnn": ModelKind(models.cnn, images=True),
     "alexnet": ModelKind(models.alexnet, images=True),
+    "resnet": ModelKind(models.resnet, images=True),
     "vmlp": ModelKind(vmodels.vmlp, {"sizes": ["auto", 512]}, virtual=True,
                       first_layer="hidden.0.linear"),
     "vcnn": ModelKind(vmodels.vcnn, images=True, virtual=True, first_layer="features.0.0.conv"),

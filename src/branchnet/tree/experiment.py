@@ -51,7 +51,7 @@ from branchnet.tree.tree import HEAD_TRAIN_DEFAULTS, BranchTree, TreeError, indu
 __all__ = ["TreeConfig", "TreeExperiment", "compare_runs", "resolve_hierarchy"]
 
 #: the parent networks a tree config may name
-PARENT_MODELS = {"mlp": "mlp", "cnn": "cnn", "transformer": "transformer"}
+PARENT_MODELS = {"mlp": "mlp", "cnn": "cnn", "resnet": "resnet", "transformer": "transformer"}
 #: hierarchies named by a word: built-in class trees, or ``groups`` (the data's group column)
 BUILTIN_HIERARCHIES = ("cifar10", "cifar100", "groups")
 
