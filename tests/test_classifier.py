@@ -14,7 +14,9 @@ import torch
 import yaml
 
 from branchnet import models
-from branchnet.classifier import ClassifierExperiment
+from branchnet.classifier import ClassifierExperiment, evaluate_model
+from branchnet.data import Split
+from branchnet.errors import ConfigError
 from branchnet.runs import Run
 from branchnet.saved_model import load_model, predict_proba
 from branchnet.taps import extract
@@ -168,10 +170,43 @@ def test_model_fit_alexnet_on_digits(tmp_path: Path) -> None:
     assert meta["spec"]["in_channels"] == 1 and "conv2" in meta["layers"]
 
 
+def test_model_fit_fast_resnet_recipe_on_digits(tmp_path: Path) -> None:
+    """The fast recipe's options through the CLI: a ResNet run with the test split monitored
+    (time curve), flip test-time augmentation, and a saved model that reloads and evaluates."""
+    cfg = {**TINY_CONFIG, "name": "res", "model": {"kind": "resnet", "depth": 8, "width": 4},
+           "train": {"epochs": 2, "batch_size": 32, "optimizer": "sgd", "lr": 0.05,
+                     "momentum": 0.9, "nesterov": True, "lr_schedule": "onecycle",
+                     "warmup_epochs": 0.5, "label_smoothing": 0.1, "augment": "flip-crop",
+                     "crop_padding": 1, "precision": "bf16"},
+           "monitor_test": True, "test_flip": True}
+    code, out, err = run_cli(["model", "fit", str(write_config(tmp_path / "r.yaml", cfg)),
+                              "--out", str(tmp_path / "runs")])
+    assert code == 0, err
+    run = next((tmp_path / "runs").glob("res-s0-*"))
+    m = json.loads((run / "metrics.json").read_text())
+    assert 0 <= m["accuracy_single_view"] <= 1 and "accuracy_single_view" in out
+    assert all("monitor_acc" in r for r in m["fit"]["history"])
+    assert len(m["fit"]["epoch_seconds"]) == 2 and (run / "figures" / "time_curve.png").is_file()
+    model, _ = load_model(run)
+    assert type(model) is models.ResNet
+    code, _, err = run_cli(["model", "eval", str(run)])
+    assert code == 0, err
+    saved = json.loads(sorted(run.glob("eval-test-*.json"))[-1].read_text())
+    assert saved["accuracy"] == pytest.approx(m["accuracy"])
+
+
+def test_flip_needs_images() -> None:
+    split = Split(torch.randn(6, 4), torch.zeros(6, dtype=torch.long))
+    with pytest.raises(ConfigError, match=r"test_flip needs image inputs \[N, C, H, W\], got "
+                                          r"inputs of shape \(6, 4\)"):
+        evaluate_model(torch.nn.Linear(4, 2), split, ["a", "b"], flip=True)
+
+
 @pytest.mark.parametrize(("change", "message"), [
     ({"modle": {"kind": "mlp"}}, "unknown config key 'modle'"),
     ({"train": {"epoch": 3}}, "unknown config key 'train.epoch'"),
-    ({"model": {"kind": "resnet"}}, "model.kind must be one of ['alexnet', 'cnn', 'mlp'], got 'resnet'"),
+    ({"model": {"kind": "vresnet"}},
+     "model.kind must be one of ['alexnet', 'cnn', 'mlp', 'resnet'], got 'vresnet'"),
     ({"model": {"kind": "alexnet", "widht": [8, 8, 8]}}, "unknown option(s) ['widht']"),
 ])
 def test_config_errors_exit_with_code_2(tmp_path: Path, change: dict[str, Any],

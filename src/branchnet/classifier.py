@@ -27,7 +27,7 @@ from branchnet.data.batches import TensorPairs
 from branchnet.engine import fit
 from branchnet.errors import ConfigError
 from branchnet.protocol import Experiment, fit_record
-from branchnet.report import Report
+from branchnet.report import Report, plot_time_curve
 from branchnet.runs import Run
 from branchnet.saved_model import load_model, predict_proba, save_model
 from branchnet.schema import DataSection, Section, Seed, TrainSection
@@ -48,14 +48,26 @@ class ClassifierConfig(Section):
     train: TrainSection = Field(default_factory=TrainSection)
     #: evaluate the test split after every epoch, for the time curve only (never for stopping)
     monitor_test: bool = False
+    #: test-time augmentation: average each test image's probabilities with its mirror image's
+    test_flip: bool = False
     progress: bool = True
 
 
-def evaluate_model(model: nn.Module, split: Split, classes: list[str]) -> dict[str, Any]:
-    """Accuracy, NLL, ECE, Brier, per-class accuracy and the confusion matrix on ``split``."""
+def evaluate_model(model: nn.Module, split: Split, classes: list[str],
+                   flip: bool = False) -> dict[str, Any]:
+    """Accuracy, NLL, ECE, Brier, per-class accuracy and the confusion matrix on ``split``;
+    with ``flip`` (images only), the probabilities are the mean over each image and its mirror
+    image (test-time augmentation), and ``accuracy_single_view`` is the plain one."""
     probs = predict_proba(model, split.x)
+    extra: dict[str, Any] = {}
+    if flip:
+        if split.x.ndim != 4:
+            raise ConfigError(f"test_flip needs image inputs [N, C, H, W], got inputs of shape "
+                              f"{tuple(split.x.shape)}")
+        extra["accuracy_single_view"] = metrics.accuracy(probs.argmax(1), split.y)
+        probs = (probs + predict_proba(model, split.x.flip(-1))) / 2
     pred = probs.argmax(1)
-    return {
+    return {**extra,
         "n_test": len(split), "accuracy": metrics.accuracy(pred, split.y),
         "nll": metrics.nll(probs, split.y), "ece": metrics.ece(probs, split.y),
         "brier": metrics.brier(probs, split.y),
@@ -77,7 +89,8 @@ class ClassifierExperiment(Experiment):
     kind = "model"
     schema = ClassifierConfig
     captions: ClassVar[dict[str, str]] = {"training": "training curves (validation)",
-                                          "confusion": "confusion matrix (test)"}
+                                          "confusion": "confusion matrix (test)",
+                                          "time_curve": "accuracy over training time"}
 
     @classmethod
     def check(cls, cfg: dict[str, Any]) -> None:
@@ -88,6 +101,9 @@ class ClassifierExperiment(Experiment):
         super().setup()
         data = self.data
         assert data is not None
+        if self.cfg["test_flip"] and len(data.input_shape) != 3:
+            raise ConfigError(f"test_flip needs image inputs (C, H, W), got inputs of shape "
+                              f"{tuple(data.input_shape)}")
         self.model = zoo.build(self.cfg["model"], num_classes=data.num_classes,
                                input_shape=data.input_shape, seed=self.cfg["seed"],
                                aliases=PLAIN_MODELS)
@@ -104,7 +120,7 @@ class ClassifierExperiment(Experiment):
                   description=f"{cfg['model']['kind']} classifier",
                   monitor=TensorPairs(data.test.x, data.test.y) if cfg["monitor_test"] else None)
         result: dict[str, Any] = {
-            **evaluate_model(model, data.test, data.classes),
+            **evaluate_model(model, data.test, data.classes, flip=cfg["test_flip"]),
             "model": {"spec": spec, "parameters": zoo.num_parameters(model),
                       "parameters_per_layer": parameters_per_layer(model)},
             "fit": fit_record(res),
@@ -117,8 +133,14 @@ class ClassifierExperiment(Experiment):
         return result
 
     def figures(self, run: Run, result: dict[str, Any]) -> dict[str, Figure]:
-        return {"confusion": metrics.plot_confusion(result["confusion"],
+        figs = {"confusion": metrics.plot_confusion(result["confusion"],
                                                     result["data"]["classes"], title="test")}
+        fit_info = result["fit"]
+        if any("monitor_acc" in r for r in fit_info["history"]):
+            figs["time_curve"] = plot_time_curve(
+                fit_info["history"], fit_info["epoch_seconds"],
+                title=f"{result['model']['spec']['kind']}: accuracy over training time")
+        return figs
 
     def report(self, rep: Report, run: Run, result: dict[str, Any]) -> None:
         rep.add_heading("Per class")
@@ -131,9 +153,12 @@ class ClassifierExperiment(Experiment):
     @classmethod
     def summary_rows(cls, result: dict[str, Any]) -> list[dict[str, Any]]:
         fit_info = result.get("fit", {})
-        return [{"accuracy": result["accuracy"], "nll": result["nll"], "ece": result["ece"],
+        single = ({"accuracy_single_view": result["accuracy_single_view"]}
+                  if "accuracy_single_view" in result else {})
+        return [{"accuracy": result["accuracy"], **single, "nll": result["nll"], "ece": result["ece"],
                  "brier": result["brier"], "n_test": result["n_test"],
                  "epochs": fit_info.get("epochs_run"), "best_epoch": fit_info.get("best_epoch"),
+                 "train_minutes": (fit_info.get("epoch_seconds") or [0.0])[-1] / 60,
                  "parameters": result.get("model", {}).get("parameters")}]
 
     @classmethod
@@ -148,4 +173,5 @@ class ClassifierExperiment(Experiment):
         if data.classes != meta["classes"]:
             raise ConfigError(f"the data's classes {data.classes} differ from the saved model's "
                               f"{meta['classes']}")
-        return {"split": split, **evaluate_model(model, data.splits()[split], data.classes)}, {}
+        return {"split": split, **evaluate_model(model, data.splits()[split], data.classes,
+                                                 flip=self.cfg["test_flip"])}, {}

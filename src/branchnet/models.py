@@ -305,6 +305,9 @@ _BUILDERS = {
     "resnet": lambda s: ResNet(s["depth"], s["width"], s["num_classes"], s["in_channels"]),
 }
 
+#: the kinds :func:`build` rebuilds from a spec
+KINDS = tuple(_BUILDERS)
+
 
 def build(spec: dict[str, Any]) -> nn.Module:
     """Rebuild a model from its ``spec`` (a plain dict, as stored in JSON)."""

@@ -104,6 +104,31 @@ class Report:
         return atomic_write_text(path, self.render())
 
 
+def plot_time_curve(history: list[dict[str, float]], seconds: list[float],
+                    title: str = "") -> Figure:
+    """Accuracy against training minutes, one point per epoch: the ``monitor`` split (the test
+    split of a ``monitor_test`` run) and the training batches (augmented, in training mode).
+
+    >>> fig = plot_time_curve([{"train_acc": 0.5, "monitor_acc": 0.6}], [60.0])
+    >>> len(fig.axes)
+    1
+    """
+    if len(history) != len(seconds):
+        raise ValueError(f"history has {len(history)} epochs but seconds {len(seconds)}")
+    fig = Figure(figsize=(5.5, 3.6))
+    ax = fig.add_subplot(1, 1, 1)
+    minutes = [s / 60 for s in seconds]
+    for key, label in (("monitor_acc", "test"), ("train_acc", "training batches")):
+        points = [(m, r[key]) for m, r in zip(minutes, history, strict=True) if key in r]
+        if points:
+            ax.plot(*zip(*points, strict=True), marker=".", label=label)
+    ax.set(xlabel="training minutes", ylabel="accuracy", title=title or "accuracy over time")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
 def plot_training_curves(histories: dict[str, Path]) -> Figure:
     """Validation loss and accuracy per epoch, one line per model, from ``metrics.csv`` files."""
     fig = Figure(figsize=(9, 3.2))

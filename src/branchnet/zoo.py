@@ -152,7 +152,7 @@ def spec_of(model: nn.Module) -> dict[str, Any] | None:
 def rebuild(spec: dict[str, Any]) -> nn.Module:
     """The network of a saved spec (as :func:`spec_of` gives it), untrained."""
     kind = spec.get("kind") if isinstance(spec, dict) else None
-    if kind in ("mlp", "cnn", "alexnet"):
+    if kind in models.KINDS:
         return models.build(spec)
     if kind == "transformer":
         return TextParent.from_spec(spec)
