@@ -186,10 +186,14 @@ class ClassifierModule(L.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
 
-    def _loss(self, x: torch.Tensor, y: torch.Tensor, stage: str) -> torch.Tensor:
+    def _inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` in the memory order the convolutions are trained in."""
         if self.cfg.channels_last and x.ndim == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
-        logits = self.model(x)
+            return x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def _loss(self, x: torch.Tensor, y: torch.Tensor, stage: str) -> torch.Tensor:
+        logits = self.model(self._inputs(x))
         loss = self.loss_fn(logits, y)
         if not torch.isfinite(loss):
             raise TrainingError(
@@ -212,10 +216,8 @@ class ClassifierModule(L.LightningModule):
         self.model.eval()
         loss = correct = count = rows = 0.0
         for x, y in loader:
-            if self.cfg.channels_last and x.ndim == 4:
-                x = x.contiguous(memory_format=torch.channels_last)
             with self.trainer.precision_plugin.forward_context():
-                logits = self.model(x)
+                logits = self.model(self._inputs(x))
             loss += float(self.loss_fn(logits.float(), y)) * len(y)
             c, n = self.score_fn(logits, y)
             correct, count, rows = correct + float(c), count + n, rows + len(y)
