@@ -274,6 +274,15 @@ class ClassifierModule(L.LightningModule):
     def on_train_start(self) -> None:
         self._time_before = self.epoch_seconds[-1] if self.epoch_seconds else 0.0
         self._t0 = time.perf_counter()
+        if self.cfg.channels_last:
+            # optimizer state restored from a checkpoint comes back contiguous; the optimizer's
+            # element-wise kernels round differently on mixed memory orders, so give every
+            # state tensor its parameter's order, or a resumed run drifts from an unbroken one
+            for opt in self.trainer.optimizers:
+                for p, state in opt.state.items():
+                    for k, v in state.items():
+                        if torch.is_tensor(v) and v.shape == p.shape and v.ndim == 4:
+                            state[k] = v.contiguous(memory_format=torch.channels_last)
 
     def on_train_epoch_start(self) -> None:
         # set, not stepped: the rate depends on the epoch (and step) alone, so a resumed run
