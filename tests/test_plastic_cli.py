@@ -147,6 +147,26 @@ def test_virtual_mlp_with_rigl(tmp_path: Path) -> None:
         assert torch.all(weights[name][mask == 0] == 0), name
 
 
+@pytest.mark.parametrize(("model", "kind"), [
+    ({"kind": "resnet", "depth": 8, "width": 4}, "resnet"),  # the plain CIFAR ResNet
+    ({"kind": "resnet", "depth": 8, "width": 4, "branches": 1}, "vresnet"),
+])
+def test_resnet_is_plain_unless_given_branches(tmp_path: Path, model: dict[str, Any],
+                                               kind: str) -> None:
+    cfg = with_changes(SPARSE_CONFIG, name=f"tiny{kind}", train={"epochs": 1, "batch_size": 64},
+                       sparsity={"rule": "set", "distribution": "erk", "dense_first": True})
+    cfg["model"] = model
+    run_dir, _ = fit_run(tmp_path, cfg)
+    m = metrics_of(run_dir)
+    assert json.loads((run_dir / "model" / "model.json").read_text())["spec"]["kind"] == kind
+    assert m["sparsity"]["n_updates"] > 0 and 0.15 < m["sparsity"]["overall_density"] < 0.3
+    weights, _ = load_weights(run_dir / "model" / "weights.safetensors")
+    masks = load_file(str(run_dir / "model" / "masks.safetensors"))
+    assert {w.ndim for w in masks.values()} >= {4 if kind == "resnet" else 5}
+    for name, mask in masks.items():
+        assert torch.all(weights[name][mask == 0] == 0), name
+
+
 def test_compare_prints_a_row_per_rule(rigl_run: tuple[Path, str]) -> None:
     run_dir, _ = rigl_run
     code, out, err = run_cli(["plastic", "compare", str(run_dir), str(run_dir)])

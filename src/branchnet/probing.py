@@ -155,7 +155,7 @@ class ProbeExperiment(Experiment):
         super().setup()
         data, cfg = self.data, self.cfg
         assert data is not None
-        from branchnet.tree.experiment import load_parent_weights
+        from branchnet.tree.parent import load_parent_weights
 
         self.parent = zoo.build(cfg["parent"]["model"], num_classes=data.num_classes,
                                 input_shape=data.input_shape, seed=cfg["seed"],

@@ -48,7 +48,8 @@ from branchnet.schema import (
     TrainSection,
     with_defaults,
 )
-from branchnet.tree.experiment import ParentTrain, load_parent_weights
+from branchnet.tree.experiment import ParentTrain
+from branchnet.tree.parent import load_parent_weights
 
 __all__ = ["ExitsConfig", "ExitsExperiment"]
 

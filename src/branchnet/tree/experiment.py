@@ -16,12 +16,9 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 from pydantic import Field
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from sklearn.metrics import balanced_accuracy_score
 
 from branchnet import metrics, models, zoo
-from branchnet.checkpoint import CheckpointError, load_weights
 from branchnet.config import check_file
 from branchnet.data import Data, Split
 from branchnet.data.batches import TensorPairs
@@ -45,6 +42,7 @@ from branchnet.schema import (
 from branchnet.taps import layer_names
 from branchnet.tree.evaluate import evaluate, summary_rows
 from branchnet.tree.evaluate_open_world import evaluate_open_world, score_options
+from branchnet.tree.parent import load_parent_weights, restrict_outputs, trained_classes
 from branchnet.tree.router import POLICIES, SCORES
 from branchnet.tree.tree import HEAD_TRAIN_DEFAULTS, BranchTree, TreeError, induce_spec
 
@@ -66,6 +64,10 @@ class ParentSection(Section):
     tap: str = "hidden.1"
     labels: Literal["fine", "coarse"] = "fine"
     weights: str | None = None
+    #: the classes of the parent's outputs, in order, when it was trained on more than the
+    #: data's classes (null: the data's): the data is split as the parent's was, over these
+    #: classes, then cut to the data's, and the parent's output layer to their rows
+    classes: list[str] | None = None
     train: ParentTrain = Field(default_factory=ParentTrain)  # type: ignore[valid-type]
 
 
@@ -206,10 +208,31 @@ class TreeExperiment(Experiment):
         nov = cfg["novelty"]
         if nov and nov["source"]:
             check_file(nov["source"], "novelty.source", "data source")
+        p, data_classes = cfg["parent"], cfg["data"]["classes"]
+        if p["classes"] is not None:
+            if p["labels"] != "fine":
+                raise ConfigError("parent.classes applies to a parent of fine labels, got "
+                                  f"parent.labels {p['labels']!r}")
+            if len(set(p["classes"])) != len(p["classes"]):
+                raise ConfigError(f"parent.classes names a class twice: {p['classes']}")
+            extra = [c for c in data_classes or () if isinstance(c, str) and c not in p["classes"]]
+            if extra:
+                raise ConfigError(f"data.classes must be classes of parent.classes; {extra} "
+                                  f"{'are' if len(extra) > 1 else 'is'} not in {p['classes']}")
         c = cfg["calibration"]
         if c["method"] == "coverage" and c["coverage"] is None:
             raise ConfigError("calibration.coverage must be a number in (0, 1] when "
                               "calibration.method is 'coverage', got None")
+
+    def load_data(self) -> Data:
+        """The data; with ``parent.classes``, split over the parent's classes (as the parent's
+        own run split them, so no image it trained on reaches validation or test), then cut to
+        the data's classes."""
+        d, classes = self.cfg["data"], self.cfg["parent"]["classes"]
+        if classes is None:
+            return super().load_data()
+        self.data = self._load({**d, "classes": classes}).select_classes(d["classes"] or classes)
+        return self.data
 
     def setup(self) -> None:
         super().setup()
@@ -262,10 +285,21 @@ class TreeExperiment(Experiment):
 
     def build_parent(self, data: Data) -> torch.nn.Module:
         p = self.cfg["parent"]
-        n_out = len(data.classes) if p["labels"] == "fine" else len(self.hierarchy.children("root"))
+        outputs = p["classes"] or data.classes
+        n_out = len(outputs) if p["labels"] == "fine" else len(self.hierarchy.children("root"))
         parent = zoo.build(p["model"], num_classes=n_out, input_shape=data.input_shape,
                            seed=self.cfg["seed"], aliases=PARENT_MODELS, where="parent.model")
+        trained = trained_classes(p["weights"])
+        if p["labels"] == "fine" and trained is not None and trained != list(outputs):
+            raise ConfigError(
+                f"parent.weights {p['weights']} were trained on classes {trained}, but the run's "
+                f"parent outputs are {list(outputs)}; set parent.classes to the parent's classes "
+                "in their order (the data's classes may be any of them)")
         load_parent_weights(parent, p)
+        if p["classes"] is not None:
+            layer = restrict_outputs(parent, [p["classes"].index(c) for c in data.classes])
+            self.say(f"parent     output layer {layer!r} cut from {len(p['classes'])} classes to "
+                     f"the data's {len(data.classes)}")
         return parent
 
     def make_tree(self, run: Run) -> BranchTree:
@@ -493,26 +527,6 @@ def grow_run(run: Run, exp: TreeExperiment, additions: dict[str, list[str]],
     write_json(out / "grow.json", result)
     result["saved"] = str(out)
     return result
-
-
-def load_parent_weights(parent: torch.nn.Module, section: dict[str, Any]) -> None:
-    """Load a config's ``parent.weights`` into ``parent``: a model run's
-    ``model/weights.safetensors`` (branchnet's own format), or any safetensors state dict."""
-    weights = section.get("weights")
-    if not weights:
-        return
-    try:
-        try:
-            state = load_weights(weights)[0]
-        except CheckpointError:  # not branchnet's format: a plain state dict
-            state = load_file(weights)
-        parent.load_state_dict(state)
-    except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"parent.weights {weights} is not a readable safetensors file: "
-                              f"{e}") from e
-    except RuntimeError as e:
-        raise ConfigError(f"parent.weights {weights} do not fit parent.model "
-                          f"{section['model']}: {e}") from e
 
 
 def load_run_tree(run: Run) -> BranchTree:
