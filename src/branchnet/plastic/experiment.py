@@ -8,7 +8,7 @@ Two tasks in one harness (same data, optimizer, schedule, batch and epochs for e
   is a plain classifier (``mlp``, ``cnn``, ``alexnet``) or a virtual-branch model (``vmlp``,
   ``vcnn``, ``resnet``, ``resnet18``, ``densenet``; ``branches: 1`` is the plain network).
   ``resnet`` without ``branches`` is the plain CIFAR ResNet of model runs (``nn.Conv2d``
-  layers, channels-last and 1.7x faster per step on a CPU than the virtual one at K = 1).
+  layers, which train channels-last: faster on a CPU than the virtual one at K = 1).
 - ``task: paths``: path-level plasticity in a residual network with gated candidate paths
   (:class:`branchnet.plastic.paths.PlasticResNet`), ``paths.mode`` ``plastic`` (drop and grow
   paths every ``paths.every`` steps), ``static`` (the same number of active paths, never

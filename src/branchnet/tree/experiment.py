@@ -285,15 +285,15 @@ class TreeExperiment(Experiment):
 
     def build_parent(self, data: Data) -> torch.nn.Module:
         p = self.cfg["parent"]
-        outputs = p["classes"] or data.classes
+        outputs = list(p["classes"] or data.classes)
         n_out = len(outputs) if p["labels"] == "fine" else len(self.hierarchy.children("root"))
         parent = zoo.build(p["model"], num_classes=n_out, input_shape=data.input_shape,
                            seed=self.cfg["seed"], aliases=PARENT_MODELS, where="parent.model")
         trained = trained_classes(p["weights"])
-        if p["labels"] == "fine" and trained is not None and trained != list(outputs):
+        if p["labels"] == "fine" and trained is not None and trained != outputs:
             raise ConfigError(
                 f"parent.weights {p['weights']} were trained on classes {trained}, but the run's "
-                f"parent outputs are {list(outputs)}; set parent.classes to the parent's classes "
+                f"parent outputs are {outputs}; set parent.classes to the parent's classes "
                 "in their order (the data's classes may be any of them)")
         load_parent_weights(parent, p)
         if p["classes"] is not None:

@@ -75,12 +75,10 @@ def restrict_outputs(model: nn.Module, rows: list[int]) -> str:
         raise ConfigError(f"output rows {rows} are not rows of the parent's output layer "
                           f"{name!r} ({layer.out_features} outputs)")
     idx = torch.tensor(rows, device=layer.weight.device)
-    with torch.no_grad():
-        layer.weight = nn.Parameter(layer.weight[idx].clone(),
-                                    requires_grad=layer.weight.requires_grad)
+    with torch.no_grad():  # indexing copies the rows
+        layer.weight = nn.Parameter(layer.weight[idx], requires_grad=layer.weight.requires_grad)
         if layer.bias is not None:
-            layer.bias = nn.Parameter(layer.bias[idx].clone(),
-                                      requires_grad=layer.bias.requires_grad)
+            layer.bias = nn.Parameter(layer.bias[idx], requires_grad=layer.bias.requires_grad)
     layer.out_features = len(rows)
     spec = getattr(model, "spec", None)
     if isinstance(spec, dict) and "num_classes" in spec:
